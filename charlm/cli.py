@@ -1,0 +1,224 @@
+"""The `charlm` command line: parse options, call the library, turn errors into one line.
+
+Library code raises ValueError / FileNotFoundError / OSError with messages that name the key,
+file or flag and the fix; here they become `error: ...` on stderr and a non-zero exit, never a
+traceback (set CHARLM_DEBUG=1 to see one).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import __version__
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Train, sample and evaluate character-level language models "
+         "(hand-written RNN/LSTM/GRU cells and a Transformer baseline).",
+)
+
+ConfigOpt = Annotated[str | None, typer.Option(
+    "--config", "-c", help="Preset name (hello, rnn, lstm, gru, transformer) or a YAML file.")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", "-s", help="Override a config key, e.g. --set train.lr=1e-3 (repeatable).")]
+RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Root directory of runs.")]
+RunOpt = Annotated[str | None, typer.Option(
+    "--run", "-r", help="Run directory or checkpoint file. [default: the newest run]")]
+DeviceOpt = Annotated[str | None, typer.Option(
+    "--device", "-d", help="auto | cpu | cuda | cuda:N | mps. [default: auto]")]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def friendly_errors(fn):
+    """Run a command; expected errors become one line on stderr and exit code 1 (2 for usage)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .train import TrainingInterrupted
+
+        warnings.showwarning = _one_line_warning
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except TrainingInterrupted as e:
+            typer.echo(str(e), err=True)
+            raise typer.Exit(130) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except (ValueError, FileNotFoundError, OSError) as e:
+            if os.environ.get("CHARLM_DEBUG"):
+                raise
+            _fail(" ".join(str(e).split()) or type(e).__name__)
+        except Exception as e:  # noqa: BLE001 - the user gets one line, not a traceback
+            if os.environ.get("CHARLM_DEBUG"):
+                raise
+            _fail(f"unexpected {type(e).__name__}: {' '.join(str(e).split())[:300]} "
+                  "(set CHARLM_DEBUG=1 for the traceback)")
+
+    return wrapper
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"charlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Train, sample and evaluate character-level language models."""
+
+
+# ---------------------------------------------------------------------------- train
+
+
+@app.command()
+@friendly_errors
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    name: Annotated[str | None, typer.Option(
+        "--name", "-n", help="Run name. [default: <cell>-<timestamp>]")] = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue run --name (default: the newest) from its last.pt.")] = False,
+    device: DeviceOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Train a model from a preset or YAML config into RUNS_DIR/NAME."""
+    from .config import load_config
+    from .train import train as run_training
+
+    overrides = list(set_ or [])
+    if device:
+        overrides.append(f"train.device={device}")
+    if config is None and not resume:
+        _fail("--config is required (a preset: hello, rnn, lstm, gru, transformer; or a YAML "
+              "file), e.g. charlm train --config lstm", code=2)
+    cfg = load_config(config) if config is not None else None
+    result = run_training(cfg, runs_dir=runs_dir, name=name, resume=resume,
+                          overrides=overrides, quiet=quiet)
+    typer.echo(f"done: {result.step} steps in {result.elapsed_s:.0f}s | best val bpc "
+               f"{result.best_val_bpc:.4f} | run {result.run_dir}", err=True)
+
+
+# ---------------------------------------------------------------------------- sample
+
+
+@app.command()
+@friendly_errors
+def sample(
+    run: RunOpt = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+    prime: Annotated[str, typer.Option("--prime", "-p", help="Text to continue.")] = "",
+    length: Annotated[int, typer.Option(
+        "--length", "-n", help="Number of new characters.")] = 500,
+    temperature: Annotated[float, typer.Option(
+        "--temperature", "-t", help="Sampling temperature; 0 = greedy (argmax).")] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k", help="Keep the K most likely; 0 = off.")] = 0,
+    top_p: Annotated[float, typer.Option(
+        "--top-p", help="Nucleus sampling: keep the smallest set with mass P; 1 = off.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", help="Random seed for reproducible samples. [default: random]")] = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Continue --prime with the newest run (or --run); the text goes to stdout."""
+    from .checkpoint import load_run, resolve_checkpoint
+    from .device import resolve_device
+    from .sample import check_sampling_options, generate
+
+    check_sampling_options(length, temperature, top_k, top_p)
+    dev = resolve_device(device or "auto")
+    loaded = load_run(resolve_checkpoint(run, runs_dir), dev)
+    missing = loaded.vocab.missing(prime)
+    if missing:
+        shown = "".join(missing[:20])
+        typer.echo(f"notice: the model's vocabulary lacks {len(missing)} character(s) of the "
+                   f"prime ({shown!r}); they are skipped when conditioning", err=True)
+    known = "".join(c for c in prime if c in loaded.vocab.stoi)
+    out = sys.stdout
+    out.write(prime)
+    out.flush()
+    for ch in generate(loaded.model, loaded.vocab, known, length, temperature=temperature,
+                       top_k=top_k, top_p=top_p, seed=seed, device=dev):
+        out.write(ch)
+        if ch == "\n":
+            out.flush()
+    out.write("\n")
+    out.flush()
+
+
+# ---------------------------------------------------------------------------- eval
+
+
+@app.command(name="eval")
+@friendly_errors
+def eval_(
+    run: RunOpt = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="Score this text file instead of the run's validation split.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    device: DeviceOpt = None,
+) -> None:
+    """Loss (nats/char), bits per character and perplexity of a run on its validation split."""
+    from .checkpoint import load_run, resolve_checkpoint
+    from .data import decode_corpus, load_dataset
+    from .device import resolve_device
+    from .evaluate import evaluate_tokens
+
+    dev = resolve_device(device or "auto")
+    loaded = load_run(resolve_checkpoint(run, runs_dir), dev)
+    if data is not None:
+        if not data.is_file():
+            raise FileNotFoundError(f"--data file '{data}' not found")
+        text = decode_corpus(data.read_bytes(), str(data))
+        missing = loaded.vocab.missing(text)
+        if missing:
+            raise ValueError(f"--data '{data}' has {len(missing)} character(s) the model never "
+                             f"saw (e.g. {''.join(missing[:10])!r}); it cannot be scored")
+        if len(text) < 2:
+            raise ValueError(f"--data '{data}' is empty or has a single character: nothing to "
+                             "score")
+        tokens, what = loaded.vocab.encode(text), str(data)
+    else:
+        ds = load_dataset(loaded.cfg.data)
+        if ds.vocab.chars != loaded.vocab.chars:
+            raise ValueError(f"the corpus '{loaded.cfg.data.source}' changed since training "
+                             "(different vocabulary); score a file with --data")
+        tokens, what = ds.val, f"validation split of {loaded.cfg.data.source}"
+    score = evaluate_tokens(loaded.model, tokens, loaded.cfg.train.seq_len, dev)
+    if as_json:
+        typer.echo(json.dumps(score.to_dict()))
+    else:
+        typer.echo(f"{what}: loss {score.loss:.4f} nats/char | {score.bpc:.4f} bits/char | "
+                   f"perplexity {score.perplexity:.3f} | {score.chars} chars")
+
+
+def main() -> None:
+    """Entry point of the `charlm` console script."""
+    app(prog_name="charlm")

@@ -1,0 +1,336 @@
+"""Configuration: the `data`, `model` and `train` dataclasses, YAML loading, presets by name,
+`--set a.b=c` overrides and validation.
+
+Data flows one way: YAML file (or preset) -> overrides -> `validate()` -> a `Config` that every
+other module reads. Values derived from the data (the vocabulary size) are never written in YAML;
+`build_model(cfg, vocab_size)` receives them from code. Validation collects every problem and
+reports them together, each naming the key and what to do instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CELLS = ("rnn", "lstm", "gru", "transformer")
+NONLINEARITIES = ("tanh", "relu")
+SCHEDULES = ("cosine", "constant")
+NAMED_CORPORA = ("python-stdlib", "tinyshakespeare", "hello")
+
+
+@dataclass
+class DataConfig:
+    source: str = "python-stdlib"  # a file, a directory of text files, or a named corpus
+    val_fraction: float = 0.1  # the LAST fraction of the text is validation (as nanoGPT)
+
+
+@dataclass
+class ModelConfig:
+    cell: str = "lstm"  # rnn | lstm | gru | transformer
+    hidden_size: int = 256  # width of every layer (also the embedding size)
+    num_layers: int = 2
+    dropout: float = 0.0  # between layers (and on embedding/output); 0 disables
+    nonlinearity: str = "tanh"  # rnn only: tanh | relu
+    num_heads: int = 4  # transformer only; must divide hidden_size
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32
+    seq_len: int = 128  # BPTT window; the Transformer's context length
+    max_steps: int = 2000
+    max_time: float | None = None  # seconds; stop at whichever of max_steps/max_time comes first
+    lr: float = 2e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # the cosine schedule decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | constant (after warm-up)
+    weight_decay: float = 0.0  # AdamW decay on matrices only (never biases, norms, embeddings)
+    grad_clip: float = 5.0  # max global gradient norm; 0 disables clipping
+    eval_interval: int = 200  # steps between evaluations, checkpoints and samples
+    eval_steps: int = 20  # validation batches per evaluation
+    log_interval: int = 10  # steps between metric rows
+    sample_length: int = 200  # characters sampled at each evaluation; 0 disables
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    stateful: bool = True  # recurrent cells: carry hidden state across windows
+    compile: bool = False  # torch.compile the model (best for the Transformer on CUDA)
+    skip_nonfinite: bool = False  # skip a step with a NaN/inf loss or gradient instead of stopping
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, e.g. `train.lr`."""
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in fields(cls)]
+
+
+def _suggest(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+    if not close:  # try the last component alone: `lr` -> `train.lr`
+        tail = key.rsplit(".", 1)[-1]
+        close = [c for c in choices if c.rsplit(".", 1)[-1] == tail][:1]
+        if not close:
+            tails = {c.rsplit(".", 1)[-1]: c for c in choices}
+            near = difflib.get_close_matches(tail, list(tails), n=1, cutoff=0.6)
+            close = [tails[near[0]]] if near else []
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# ---------------------------------------------------------------------------- type checking
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against a dataclass field type; ints are accepted for floats."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def from_dict(raw: Any, origin: str = "config") -> Config:
+    """Build a `Config` from a nested mapping, rejecting unknown keys and wrong types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(
+            f"{origin}: expected a mapping with sections data/model/train, "
+            f"got {type(raw).__name__}"
+        )
+    cfg = Config()
+    problems: list[str] = []
+    for section, body in raw.items():
+        if section not in SECTIONS:
+            problems.append(
+                f"unknown section '{section}'{_suggest(str(section), list(SECTIONS))}; "
+                "valid sections: data, model, train"
+            )
+            continue
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            problems.append(f"section '{section}' must be a mapping of key: value")
+            continue
+        for key, value in body.items():
+            try:
+                set_key(cfg, f"{section}.{key}", value)
+            except ValueError as e:
+                problems.append(str(e))
+    if problems:
+        raise ValueError(f"{origin}: " + "; ".join(problems))
+    return cfg
+
+
+def set_key(cfg: Config, dotted: str, value: Any) -> None:
+    """Set one dotted key (`train.lr`) on `cfg`, type-checked against the dataclass."""
+    parts = dotted.split(".")
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise ValueError(f"unknown key '{dotted}'{_suggest(dotted, all_keys())}")
+    section, name = parts
+    obj = getattr(cfg, section)
+    hints = _field_types(type(obj))
+    if name not in hints:
+        raise ValueError(f"unknown key '{dotted}'{_suggest(dotted, all_keys())}")
+    setattr(obj, name, _coerce(dotted, value, hints[name]))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `train.lr=1e-3` into a key and a YAML-parsed value."""
+    if "=" not in text:
+        raise ValueError(f"--set expects key=value (e.g. train.lr=1e-3), got '{text}'")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ValueError(f"--set expects key=value with a key before '=', got '{text}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads 1e-3 as a string (it wants 1.0e-3); accept what Python accepts as a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
+    """Apply `--set key=value` strings to a copy of `cfg`."""
+    cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data),
+        model=dataclasses.replace(cfg.model),
+        train=dataclasses.replace(cfg.train),
+    )
+    problems = []
+    for text in overrides or []:
+        try:
+            key, value = parse_override(text)
+            set_key(cfg, key, value)
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Check value ranges; raise one ValueError listing every problem."""
+    p: list[str] = []
+    d, m, t = cfg.data, cfg.model, cfg.train
+    if not d.source:
+        p.append("data.source must name a file, a directory or one of " + ", ".join(NAMED_CORPORA))
+    if not 0.0 <= d.val_fraction < 1.0:
+        p.append(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if m.cell not in CELLS:
+        p.append(f"model.cell '{m.cell}' is unknown; valid cells: {', '.join(CELLS)}")
+    if m.nonlinearity not in NONLINEARITIES:
+        p.append(f"model.nonlinearity must be tanh or relu, got '{m.nonlinearity}'")
+    for key in ("hidden_size", "num_layers", "num_heads"):
+        if getattr(m, key) <= 0:
+            p.append(f"model.{key} must be positive, got {getattr(m, key)}")
+    if not 0.0 <= m.dropout < 1.0:
+        p.append(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if m.cell == "transformer" and m.num_heads > 0 and m.hidden_size % m.num_heads:
+        p.append(
+            f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads "
+            f"({m.num_heads})"
+        )
+    for key in ("batch_size", "seq_len", "max_steps", "eval_interval", "eval_steps",
+                "log_interval"):
+        if getattr(t, key) <= 0:
+            p.append(f"train.{key} must be positive, got {getattr(t, key)}")
+    for key in ("warmup_steps", "sample_length"):
+        if getattr(t, key) < 0:
+            p.append(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    if t.max_time is not None and not t.max_time > 0:
+        p.append(f"train.max_time must be a positive number of seconds or null, got {t.max_time}")
+    if not (t.lr > 0 and math.isfinite(t.lr)):
+        p.append(f"train.lr must be a positive number, got {t.lr}")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        p.append(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    if t.schedule not in SCHEDULES:
+        p.append(f"train.schedule must be one of {', '.join(SCHEDULES)}, got '{t.schedule}'")
+    if t.weight_decay < 0:
+        p.append(f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    if t.grad_clip < 0:
+        p.append(f"train.grad_clip must be >= 0 (0 disables clipping), got {t.grad_clip}")
+    if p:
+        raise ValueError("invalid config: " + "; ".join(p))
+    return cfg
+
+
+# ---------------------------------------------------------------------------- files and presets
+
+
+def presets_dir() -> Path:
+    """Where the shipped presets live: `configs/` in a checkout, `charlm/configs` installed."""
+    source_tree = Path(__file__).resolve().parent.parent / "configs"
+    if (source_tree / "lstm.yaml").is_file():
+        return source_tree
+    return Path(str(resources.files("charlm.configs")))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """Accept `lstm`, `lstm.yaml`, `configs/lstm.yaml` or any path to a YAML file."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise ValueError(f"--config '{name_or_path}' is a directory; give a YAML file or a preset")
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if stem.endswith(".yml"):
+        stem = stem[:-4]
+    preset = presets_dir() / f"{stem}.yaml"
+    looks_like_preset = len(path.parts) == 1 or (
+        len(path.parts) == 2 and path.parts[0] == "configs"
+    )
+    if looks_like_preset and preset.is_file():
+        return preset
+    names = preset_names()
+    hint = difflib.get_close_matches(stem, names, n=1)
+    did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+    raise FileNotFoundError(
+        f"config '{name_or_path}' not found: no such file and no such preset{did_you_mean}; "
+        f"presets: {', '.join(names)}"
+    )
+
+
+def load_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 text file ({e.reason})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{path}: invalid YAML{where}: {problem}") from None
+
+
+def load_config(name_or_path: str | None, overrides: list[str] | None = None) -> Config:
+    """Load a preset or YAML file, apply `--set` overrides and validate."""
+    if name_or_path is None:
+        cfg = Config()
+    else:
+        path = resolve_config_path(name_or_path)
+        cfg = from_dict(load_yaml(path), origin=str(path))
+    return validate(apply_overrides(cfg, overrides))
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,92 @@
+"""Scoring: loss in nats per character, bits per character and perplexity.
+
+`evaluate_tokens` streams through a whole split: the text is cut into `batch_size` contiguous
+streams scored window by window, carrying the state for models that carry one, so every
+character is scored exactly once. `estimate_loss` is the quick version used during training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .device import autocast
+from .model import detach_state
+
+
+@dataclass
+class Score:
+    loss: float  # nats per character
+    chars: int  # characters scored
+
+    @property
+    def bpc(self) -> float:
+        return self.loss / math.log(2)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 700.0))
+
+    def to_dict(self) -> dict:
+        return {"loss": self.loss, "bpc": self.bpc, "perplexity": self.perplexity,
+                "chars": self.chars}
+
+
+def bits_per_char(loss_nats: float) -> float:
+    return loss_nats / math.log(2)
+
+
+@torch.no_grad()
+def estimate_loss(model: nn.Module, batches, device: torch.device) -> float:
+    """Mean cross-entropy (nats) over `batches` of (x, y), each scored from a fresh state."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast(device):
+            logits, _ = model(x, None)
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate_tokens(model: nn.Module, tokens: torch.Tensor, seq_len: int, device: torch.device,
+                    batch_size: int = 64, progress=None) -> Score:
+    """Score every character of `tokens` (after the first) once; returns the mean loss."""
+    was_training = model.training
+    model.eval()
+    n = len(tokens) - 1
+    streams = max(1, min(batch_size, n // max(seq_len, 1)))
+    stream_len = n // streams
+    total = 0.0
+
+    def score(x_all: torch.Tensor, y_all: torch.Tensor) -> float:  # (B, L) each
+        loss_sum, state = 0.0, None
+        for s in range(0, x_all.size(1), seq_len):
+            x = x_all[:, s : s + seq_len].to(device)
+            y = y_all[:, s : s + seq_len].to(device)
+            with autocast(device):
+                logits, state = model(x, state if model.carries_state else None)
+            state = detach_state(state)
+            loss_sum += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
+                                        reduction="sum").item()
+            if progress is not None:
+                progress(x.numel())
+        return loss_sum
+
+    body = tokens[: streams * stream_len + 1].long()
+    x_all = body[:-1].view(streams, stream_len)
+    y_all = body[1:].view(streams, stream_len)
+    total += score(x_all, y_all)
+    tail = tokens[streams * stream_len :].long()  # what the streams left over
+    if len(tail) > 1:
+        total += score(tail[:-1][None], tail[1:][None])
+    model.train(was_training)
+    return Score(loss=total / n, chars=n)

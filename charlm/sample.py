@@ -1,0 +1,70 @@
+"""Sampling: continue a text one character at a time through the model contract.
+
+A recurrent model carries its hidden state (O(1) work per character, the prefix is never
+re-run); the Transformer carries its key/value cache. Temperature 0 is greedy decoding;
+top-k and top-p (nucleus) filtering restrict the choice to the most likely characters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .data import Vocab
+
+
+def check_sampling_options(length: int, temperature: float, top_k: int, top_p: float) -> None:
+    """Raise ValueError naming the flag for any out-of-range sampling option."""
+    if length < 0:
+        raise ValueError(f"--length must be >= 0, got {length}")
+    if not temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1] (1 = off), got {top_p}")
+
+
+def pick_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+              generator: torch.Generator | None) -> torch.Tensor:
+    """Choose the next id from logits (V,): greedy, or sampled after temperature/top-k/top-p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, -1) >= top_p  # keep the first over p
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    probs = torch.softmax(logits, -1)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.cpu()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(0).to(logits.device)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, vocab: Vocab, prime: str, length: int, *,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int | None = None, device: torch.device | str = "cpu") -> Iterator[str]:
+    """Yield `length` new characters continuing `prime` (characters outside the vocabulary
+    must already be removed). An empty prime starts from a newline, or the first character."""
+    check_sampling_options(length, temperature, top_k, top_p)
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    start = prime or ("\n" if "\n" in vocab.stoi else vocab.chars[0])
+    idx = vocab.encode(start).to(device)[None]  # (1, T)
+    try:
+        logits, state = model(idx, None)
+        for i in range(length):
+            next_id = pick_next(logits[0, -1], temperature, top_k, top_p, generator)
+            yield vocab.chars[int(next_id)]
+            if i + 1 < length:
+                logits, state = model(next_id.view(1, 1), state)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,355 @@
+"""The training loop: one explicit `while` loop you can read top to bottom.
+
+Per step: learning rate -> batch -> forward/backward -> clip (recording the gradient norm
+before clipping) -> non-finite check -> optimizer step -> carry the detached hidden state ->
+log. Every `eval_interval` steps: validation loss, a short sample, `last.pt` and (if better)
+`best.pt`. Everything needed for an exact resume is in the checkpoint: model, optimizer,
+step, best validation loss, RNG states, the data position and the carried hidden state.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import checkpoint as ckpt_io
+from .config import Config, apply_overrides, config_to_yaml, from_dict, validate
+from .data import RandomBatcher, StreamBatcher, check_lengths, eval_batches, load_dataset
+from .device import autocast, resolve_device
+from .evaluate import bits_per_char, estimate_loss
+from .model import build_model, count_parameters, detach_state, map_state
+from .sample import generate
+
+METRIC_FIELDS = ["step", "elapsed_s", "train_loss", "val_loss", "val_bpc", "lr", "grad_norm",
+                 "tokens_per_s"]
+# Keys that must not change on --resume: the data order and the model depend on them.
+RESUME_LOCKED = ["data.source", "data.val_fraction", "model.*", "train.batch_size",
+                 "train.seq_len", "train.seed", "train.stateful"]
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C/SIGTERM: `last.pt` was saved; the message says how to resume."""
+
+
+class NonFiniteError(ValueError):
+    """The loss or gradient became NaN/inf; the last good checkpoint was kept."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    best_val_loss: float
+    elapsed_s: float
+    tokens_per_s: float
+    params: int
+
+    @property
+    def best_val_bpc(self) -> float:
+        return bits_per_char(self.best_val_loss)
+
+
+def get_lr(step: int, progress: float, t) -> float:
+    """Linear warm-up for `t.warmup_steps`, then cosine decay to `lr * min_lr_ratio` over the
+    budget. `progress` in [0, 1] is the larger of step/max_steps and elapsed/max_time, so a
+    time-budgeted run still anneals."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / (t.warmup_steps + 1)
+    if t.schedule == "constant":
+        return t.lr
+    min_lr = t.lr * t.min_lr_ratio
+    return min_lr + 0.5 * (t.lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; weight decay only on matrices of linear/recurrent layers (not biases, norms or
+    embeddings), as nanoGPT does."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "embed" not in name and "tok" not in name
+         and "pos" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.99), fused=fused or None)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume_compatible(saved: Config, new: Config) -> None:
+    """Refuse a resume whose config changes the model or the data order."""
+    a, b = _flat(saved.to_dict()), _flat(new.to_dict())
+    changed = [k for k in a if a[k] != b.get(k) and any(
+        k == lock or (lock.endswith(".*") and k.startswith(lock[:-1])) for lock in RESUME_LOCKED)]
+    if changed:
+        details = ", ".join(f"{k}: {a[k]!r} -> {b[k]!r}" for k in changed)
+        raise ValueError(
+            f"cannot resume with a different config ({details}); resume with the run's own "
+            "config (omit --config) or start a new run with --name"
+        )
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def _graceful_stop():
+    """SIGINT/SIGTERM set a flag the loop checks between steps, so the checkpoint written on
+    interrupt is consistent; a second Ctrl-C stops at once."""
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["stop"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _write_metrics(path: Path, row: dict) -> None:
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        csv.DictWriter(f, METRIC_FIELDS).writerow(row)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop rows a crashed run logged after its last checkpoint."""
+    if not path.is_file():
+        return
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= step]
+    text_rows = [",".join(METRIC_FIELDS)] + [
+        ",".join(str(r.get(k, "")) for k in METRIC_FIELDS) for r in rows]
+    ckpt_io.atomic_write_text(path, "\n".join(text_rows) + "\n")
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = None,
+          resume: bool = False, overrides: list[str] | None = None,
+          quiet: bool = False) -> TrainResult:
+    """Train `cfg` into `runs_dir/name`, or resume that run, and return a summary.
+
+    With `resume`, `cfg` may be None: the run's own config is used, with `overrides` applied
+    (e.g. `train.max_steps=5000` to train longer)."""
+    runs_dir = Path(runs_dir)
+    run_dir, cfg, resumed = _prepare_run(cfg, runs_dir, name, resume, overrides)
+    t = cfg.train
+    device = resolve_device(t.device)
+    ds = load_dataset(cfg.data)
+    check_lengths(ds, t.batch_size, t.seq_len)
+    if resumed is not None and resumed["vocab"] != ds.vocab.chars:
+        raise ValueError(f"cannot resume '{run_dir}': the corpus '{cfg.data.source}' changed "
+                         "since the run started (different vocabulary)")
+
+    # ---- model, optimizer, data order
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    model = build_model(cfg, len(ds.vocab)).to(device)
+    optimizer = make_optimizer(model, t, device)
+    stateful = model.carries_state and t.stateful
+    batcher = (StreamBatcher(ds.train, t.batch_size, t.seq_len) if stateful
+               else RandomBatcher(ds.train, t.batch_size, t.seq_len, t.seed))
+    fwd = torch.compile(model) if t.compile else model
+    state, step, best_val, elapsed = None, 0, math.inf, 0.0
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        batcher.load_state_dict(resumed["data_state"])
+        _set_rng_state(resumed["rng"], device)
+        state = map_state(lambda x: x.to(device), resumed["hidden_state"])
+        step, best_val = resumed["step"], resumed["best_val_loss"]
+        elapsed = resumed["elapsed_s"]
+        _truncate_metrics(run_dir / "metrics.csv", step)
+    else:
+        ckpt_io.atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+        with open(run_dir / "metrics.csv", "w", newline="", encoding="utf-8") as f:
+            csv.DictWriter(f, METRIC_FIELDS).writeheader()
+    ckpt_io.set_latest(runs_dir, run_dir)
+    params = count_parameters(model)
+    val_batches = list(eval_batches(ds.val, t.batch_size, t.seq_len, t.eval_steps))
+
+    def save(path_name: str) -> None:
+        ckpt_io.save_checkpoint(run_dir / path_name, {
+            "config": cfg.to_dict(), "vocab": ds.vocab.chars, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "step": step, "best_val_loss": best_val,
+            "elapsed_s": elapsed, "rng": _rng_state(device), "data_state": batcher.state_dict(),
+            "hidden_state": map_state(lambda x: x.cpu(), state), "world_size": 1,
+            "params": params,
+        })
+
+    def evaluate_and_save() -> float:
+        nonlocal best_val
+        val = estimate_loss(model, val_batches, device)
+        if t.sample_length:
+            text = "".join(generate(model, ds.vocab, "", t.sample_length, temperature=0.8,
+                                    seed=t.seed + step, device=device))
+            with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
+                f.write(f"=== step {step} | val bpc {bits_per_char(val):.3f} ===\n{text}\n\n")
+            if interactive:
+                tqdm.write(f"step {step} sample: {text[:100]!r}", file=sys.stderr)
+        if val < best_val:
+            best_val = val
+            save("best.pt")
+        save("last.pt")
+        return val
+
+    # ---- the loop
+    interactive = not quiet and sys.stderr.isatty()
+    bar = tqdm(total=t.max_steps, initial=step, unit="step", dynamic_ncols=True,
+               disable=not interactive)
+    tokens_per_step = t.batch_size * t.seq_len
+    loss_sum, loss_count, window_start, window_steps = 0.0, 0, time.perf_counter(), 0
+    tokens_per_s, last_val = 0.0, None
+    model.train()
+    try:
+        with _graceful_stop() as stop:
+            while step < t.max_steps and (t.max_time is None or elapsed < t.max_time):
+                t0 = time.perf_counter()
+                # learning rate for this step
+                progress = step / t.max_steps
+                if t.max_time:
+                    progress = max(progress, elapsed / t.max_time)
+                lr = get_lr(step, progress, t)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                # batch; a wrapped stream starts from a fresh state
+                x, y, reset = batcher.next()
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if reset:
+                    state = None
+                # forward, backward
+                with autocast(device):
+                    logits, new_state = fwd(x, state)
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                # clip, recording the norm before clipping (exploding gradients show here)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+                loss_value = loss.item()
+                if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+                    if t.skip_nonfinite:
+                        optimizer.zero_grad(set_to_none=True)
+                        state = None
+                        if not quiet:
+                            tqdm.write(f"step {step + 1}: non-finite loss or gradient, step "
+                                       "skipped (train.skip_nonfinite)", file=sys.stderr)
+                        continue
+                    save("last.pt")  # weights are still the last good ones
+                    raise NonFiniteError(
+                        f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'} "
+                        f"at step {step + 1}; training stopped and the last good weights are in "
+                        f"{run_dir / 'last.pt'}. Lower train.lr (now {t.lr:g}) or set "
+                        f"train.grad_clip (now {t.grad_clip:g}), then --resume; or "
+                        "--set train.skip_nonfinite=true to skip such steps"
+                    )
+                optimizer.step()
+                # carry the hidden state, detached: gradients stop at the window start
+                state = detach_state(new_state) if stateful else None
+                step += 1
+                elapsed += time.perf_counter() - t0
+                loss_sum, loss_count, window_steps = loss_sum + loss_value, loss_count + 1, \
+                    window_steps + 1
+                # log
+                if step % t.log_interval == 0:
+                    now = time.perf_counter()
+                    tokens_per_s = window_steps * tokens_per_step / max(now - window_start, 1e-9)
+                    _write_metrics(run_dir / "metrics.csv", {
+                        "step": step, "elapsed_s": f"{elapsed:.2f}",
+                        "train_loss": _fmt(loss_sum / loss_count), "lr": f"{lr:.6g}",
+                        "grad_norm": _fmt(float(grad_norm)), "tokens_per_s": f"{tokens_per_s:.0f}",
+                    })
+                    bar.set_postfix(loss=f"{loss_sum / loss_count:.3f}",
+                                    val_bpc=_fmt(last_val and bits_per_char(last_val), 3),
+                                    tok_s=f"{tokens_per_s:.0f}")
+                    loss_sum, loss_count, window_start, window_steps = 0.0, 0, now, 0
+                bar.update(1)
+                # evaluate, sample, checkpoint
+                done = step >= t.max_steps or (t.max_time is not None and elapsed >= t.max_time)
+                if step % t.eval_interval == 0 or done or stop["stop"]:
+                    eval_start = time.perf_counter()
+                    last_val = evaluate_and_save()
+                    _write_metrics(run_dir / "metrics.csv", {
+                        "step": step, "elapsed_s": f"{elapsed:.2f}", "val_loss": _fmt(last_val),
+                        "val_bpc": _fmt(bits_per_char(last_val)), "lr": f"{lr:.6g}"})
+                    if not interactive and not quiet:
+                        print(f"step {step}/{t.max_steps} | val loss {last_val:.4f} | val bpc "
+                              f"{bits_per_char(last_val):.4f} | {tokens_per_s:.0f} tok/s | "
+                              f"{elapsed:.0f}s", file=sys.stderr, flush=True)
+                    window_start += time.perf_counter() - eval_start  # keep tok/s training-only
+                if stop["stop"]:
+                    raise TrainingInterrupted(
+                        f"interrupted at step {step}; saved {run_dir / 'last.pt'}. Resume with: "
+                        f"charlm train --name {run_dir.name} --runs-dir {runs_dir} --resume")
+    except KeyboardInterrupt:
+        save("last.pt")
+        raise TrainingInterrupted(
+            f"interrupted at step {step}; saved {run_dir / 'last.pt'}. Resume with: "
+            f"charlm train --name {run_dir.name} --runs-dir {runs_dir} --resume") from None
+    finally:
+        bar.close()
+    if not (run_dir / "last.pt").exists():  # a resumed run that had nothing left to do
+        save("last.pt")
+    return TrainResult(run_dir, step, best_val, elapsed, tokens_per_s, params)
+
+
+def _prepare_run(cfg: Config | None, runs_dir: Path, name: str | None, resume: bool,
+                 overrides: list[str] | None) -> tuple[Path, Config, dict | None]:
+    """Create a new run directory, or load `last.pt` of the run to resume (nothing is lost)."""
+    if not resume:
+        if cfg is None:
+            raise ValueError("no config given: pass --config (a preset name or a YAML file)")
+        cfg = validate(apply_overrides(cfg, overrides))
+        run_dir = ckpt_io.new_run_dir(runs_dir, name or ckpt_io.default_run_name(cfg.model.cell))
+        return run_dir, cfg, None
+    if name is None:
+        run_dir = ckpt_io.find_latest(runs_dir)
+    else:
+        run_dir = runs_dir / ckpt_io.check_run_name(name)
+    if not (run_dir / "last.pt").is_file():
+        raise FileNotFoundError(f"--resume: run '{run_dir}' has no last.pt to resume from; "
+                                "start it without --resume")
+    resumed = ckpt_io.load_checkpoint(run_dir / "last.pt")
+    saved = validate(from_dict(resumed["config"], origin=f"{run_dir / 'last.pt'}"))
+    # Keys not locked (max_steps, max_time, device, lr, ...) may change on resume.
+    new = validate(apply_overrides(cfg if cfg is not None else saved, overrides))
+    check_resume_compatible(saved, new)
+    return run_dir, new, resumed

@@ -1,0 +1,37 @@
+"""Shared fixtures: every test gets its own token cache and data directory, so the suite never
+writes into the user's ~/.cache or the checkout's data/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(autouse=True)
+def isolated_dirs(tmp_path_factory, monkeypatch):
+    base = tmp_path_factory.mktemp("charlm-home")
+    monkeypatch.setenv("CHARLM_CACHE_DIR", str(base / "cache"))
+    monkeypatch.setenv("CHARLM_DATA_DIR", str(base / "data"))
+    monkeypatch.delenv("CHARLM_DEBUG", raising=False)
+    return base
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """A small corpus with enough text for tiny models (about 6 KB)."""
+    text = "".join(f"the quick brown fox {i % 7} jumps over the lazy dog.\n" for i in range(120))
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def tiny_overrides(corpus: Path, cell: str = "lstm", steps: int = 20) -> list[str]:
+    """Overrides that make any preset train in about a second."""
+    return [f"data.source={corpus}", f"model.cell={cell}", "model.hidden_size=16",
+            "model.num_layers=1", "model.num_heads=2", "train.batch_size=4", "train.seq_len=16",
+            f"train.max_steps={steps}", "train.max_time=null", "train.eval_interval=10",
+            "train.eval_steps=2", "train.log_interval=5", "train.sample_length=20",
+            "train.device=cpu", "train.warmup_steps=2"]

@@ -170,9 +170,7 @@ def _steps(buf: Tensor, n: int, keep: bool, period: int = 1) -> Sequence[Tensor]
     return [views[t % period] for t in range(n)]
 
 
-def _rnn_scan(
-    xg: Tensor, h0: Tensor, w_hh: Tensor, relu: bool
-) -> Tensor:
+def _rnn_scan(xg: Tensor, h0: Tensor, w_hh: Tensor, relu: bool) -> Tensor:
     """Elman recurrence over precomputed input projections.
 
     Args:
@@ -355,9 +353,7 @@ class _LSTMRecurrence(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(
-        ctx, xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def forward(ctx, xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor]:
         hs, c_last, saved = _lstm_scan(xg, h0, c0, w_hh, keep=True)
         ctx.save_for_backward(h0, c0, w_hh, hs)
         ctx.acts = saved
@@ -505,17 +501,23 @@ def _check_size(name: str, value: object) -> int:
 
 def _check_nonlinearity(nonlinearity: object) -> str:
     if nonlinearity not in _NONLINEARITIES:
-        raise ValueError(
-            f"Unknown nonlinearity {nonlinearity!r}. Select from 'tanh' or 'relu'."
-        )
+        raise ValueError(f"Unknown nonlinearity {nonlinearity!r}. Select from 'tanh' or 'relu'.")
     return nonlinearity  # type: ignore[return-value]
 
 
-def _autocast_off(device_type: str):
-    """Context that runs the recurrence in float32 when autocast is on for this device."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return nullcontext()
+def _float32_region(device_type: str, *tensors: Tensor | None):
+    """Return (context, tensors) for running a recurrence.
+
+    Under autocast the recurrence must run in float32: the long chain of pointwise updates
+    loses too much in bf16/fp16, and the in-place/``out=`` ops would otherwise meet mixed
+    dtypes (the projection comes out of autocast in low precision, the weights do not). So
+    autocast is switched off around it and the inputs are cast up; otherwise nothing
+    changes. (The Functions' ``custom_fwd`` decorators do the same for CUDA by themselves.)
+    """
+    if not torch.is_autocast_enabled(device_type):
+        return nullcontext(), tensors
+    cast = tuple(t.float() if t is not None and t.is_floating_point() else t for t in tensors)
+    return torch.autocast(device_type, enabled=False), cast
 
 
 # --------------------------------------------------------------------------------------
@@ -573,18 +575,14 @@ class _CellBase(nn.Module):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
         for k, h in enumerate(hx):
             if h.dim() not in (1, 2):
-                raise ValueError(
-                    f"{name}: Expected hx[{k}] to be 1D or 2D, got {h.dim()}D instead"
-                )
+                raise ValueError(f"{name}: Expected hx[{k}] to be 1D or 2D, got {h.dim()}D instead")
         is_batched = input.dim() == 2
         if not is_batched:
             return input.unsqueeze(0), [h.unsqueeze(0) for h in hx], False
         return input, list(hx), True
 
     def _zeros(self, input: Tensor) -> Tensor:
-        return torch.zeros(
-            input.size(0), self.hidden_size, dtype=input.dtype, device=input.device
-        )
+        return torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
 
 
 class RNNCell(_CellBase):
@@ -837,12 +835,12 @@ class _LayerBase(nn.Module):
             states = [zeros] * n_states
         else:
             states = list(hx)
-            want = 2 if is_batched else 2 - 1
+            want = 3 if is_batched else 2
             for k, h in enumerate(states):
-                if h.dim() != want + 1:
+                if h.dim() != want:
                     raise RuntimeError(
                         f"For {'batched 3-D' if is_batched else 'unbatched 2-D'} input, "
-                        f"hx should also be {want + 1}-D but got {h.dim()}-D tensor"
+                        f"hx should also be {want}-D but got {h.dim()}-D tensor"
                     )
                 if not is_batched:
                     states[k] = h = h.unsqueeze(1)
@@ -877,8 +875,8 @@ class _LayerBase(nn.Module):
     @staticmethod
     def _project(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
         """Input projection of every step as one GEMM: (T, B, I) -> (T, B, G)."""
-        T, B, I = x.shape
-        x2 = x.reshape(T * B, I)
+        T, B, n_in = x.shape
+        x2 = x.reshape(T * B, n_in)
         xg = torch.mm(x2, w_ih.t()) if bias is None else torch.addmm(bias, x2, w_ih.t())
         return xg.view(T, B, w_ih.shape[0])
 
@@ -951,11 +949,9 @@ class RNN(_LayerBase):
         w_ih, w_hh, b_ih, b_hh = params
         # Both biases are plain additive terms here: fold them into the projection.
         xg = self._project(x, w_ih, None if b_ih is None else b_ih + b_hh)  # (T, B, H)
-        h0 = states[0]
         relu = self.nonlinearity == "relu"
-        with _autocast_off(xg.device.type):
-            if torch.is_autocast_enabled(xg.device.type) is False and xg.dtype != w_hh.dtype:
-                xg = xg.to(w_hh.dtype)
+        ctx, (xg, h0, w_hh) = _float32_region(xg.device.type, xg, states[0], w_hh)
+        with ctx:
             if grad:
                 hs = _RNNRecurrence.apply(xg, h0, w_hh, relu)
             else:
@@ -1017,8 +1013,8 @@ class LSTM(_LayerBase):
             return self._loop(lstm_step, x, states, params)
         w_ih, w_hh, b_ih, b_hh = params
         xg = self._project(x, w_ih, None if b_ih is None else b_ih + b_hh)  # (T, B, 4H)
-        h0, c0 = states
-        with _autocast_off(xg.device.type):
+        ctx, (xg, h0, c0, w_hh) = _float32_region(xg.device.type, xg, *states, w_hh)
+        with ctx:
             if grad:
                 hs, c_last = _LSTMRecurrence.apply(xg, h0, c0, w_hh)
             else:
@@ -1076,8 +1072,8 @@ class GRU(_LayerBase):
             return self._loop(gru_step, x, states, params)
         w_ih, w_hh, b_ih, b_hh = params
         xg = self._project(x, w_ih, b_ih)  # (T, B, 3H); b_hh goes to the recurrence
-        h0 = states[0]
-        with _autocast_off(xg.device.type):
+        ctx, (xg, h0, w_hh, b_hh) = _float32_region(xg.device.type, xg, states[0], w_hh, b_hh)
+        with ctx:
             if grad:
                 hs = _GRURecurrence.apply(xg, h0, w_hh, b_hh)
             else:

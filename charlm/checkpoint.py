@@ -40,13 +40,13 @@ def check_run_name(name: str) -> str:
 
 
 def new_run_dir(runs_dir: Path, name: str) -> Path:
-    """Create `runs_dir/name`; an existing run is never reused (that is what --resume is for)."""
+    """The path for a new run `runs_dir/name` (created later, once training can start); an
+    existing run is never reused (that is what --resume is for)."""
     run = Path(runs_dir) / check_run_name(name)
     if run.exists():
         raise ValueError(
             f"run '{run}' already exists; pass --resume to continue it or --name to start another"
         )
-    run.mkdir(parents=True)
     return run
 
 

@@ -29,14 +29,17 @@ app = typer.Typer(
 )
 
 ConfigOpt = Annotated[str | None, typer.Option(
-    "--config", "-c", help="Preset name (hello, rnn, lstm, gru, transformer) or a YAML file.")]
+    "--config", "-c", help="Preset name (hello, rnn, lstm, gru, transformer) or a YAML file.",
+    show_default="none; required unless --resume")]
 SetOpt = Annotated[list[str] | None, typer.Option(
-    "--set", "-s", help="Override a config key, e.g. --set train.lr=1e-3 (repeatable).")]
+    "--set", "-s", help="Override a config key, e.g. --set train.lr=1e-3 (repeatable).",
+    show_default="no overrides")]
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Root directory of runs.")]
 RunOpt = Annotated[str | None, typer.Option(
-    "--run", "-r", help="Run directory or checkpoint file. [default: the newest run]")]
+    "--run", "-r", help="Run directory or checkpoint file.", show_default="the newest run in --runs-dir")]
 DeviceOpt = Annotated[str | None, typer.Option(
-    "--device", "-d", help="auto | cpu | cuda | cuda:N | mps. [default: auto]")]
+    "--device", "-d", help="auto | cpu | cuda | cuda:N | mps (auto: CUDA, then MPS, then CPU).",
+    show_default="the config's train.device for train, auto otherwise")]
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -102,7 +105,7 @@ def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     name: Annotated[str | None, typer.Option(
-        "--name", "-n", help="Run name. [default: <cell>-<timestamp>]")] = None,
+        "--name", "-n", help="Run name.", show_default="<cell>-<timestamp>")] = None,
     runs_dir: RunsDirOpt = Path("runs"),
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue run --name (default: the newest) from its last.pt.")] = False,
@@ -134,7 +137,8 @@ def train(
 def sample(
     run: RunOpt = None,
     runs_dir: RunsDirOpt = Path("runs"),
-    prime: Annotated[str, typer.Option("--prime", "-p", help="Text to continue.")] = "",
+    prime: Annotated[str, typer.Option(
+        "--prime", "-p", help="Text to continue.", show_default="empty: start after a newline")] = "",
     length: Annotated[int, typer.Option(
         "--length", "-n", help="Number of new characters.")] = 500,
     temperature: Annotated[float, typer.Option(
@@ -143,7 +147,7 @@ def sample(
     top_p: Annotated[float, typer.Option(
         "--top-p", help="Nucleus sampling: keep the smallest set with mass P; 1 = off.")] = 1.0,
     seed: Annotated[int | None, typer.Option(
-        "--seed", help="Random seed for reproducible samples. [default: random]")] = None,
+        "--seed", help="Random seed for reproducible samples.", show_default="random")] = None,
     device: DeviceOpt = None,
 ) -> None:
     """Continue --prime with the newest run (or --run); the text goes to stdout."""
@@ -181,7 +185,8 @@ def eval_(
     run: RunOpt = None,
     runs_dir: RunsDirOpt = Path("runs"),
     data: Annotated[Path | None, typer.Option(
-        "--data", help="Score this text file instead of the run's validation split.")] = None,
+        "--data", help="Score this text file instead of the run's validation split.",
+        show_default="the run's validation split")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     device: DeviceOpt = None,
 ) -> None:

@@ -198,7 +198,8 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
         step, best_val = resumed["step"], resumed["best_val_loss"]
         elapsed = resumed["elapsed_s"]
         _truncate_metrics(run_dir / "metrics.csv", step)
-    else:
+    else:  # the directory appears only now that data, model and device are known to work
+        run_dir.mkdir(parents=True, exist_ok=False)
         ckpt_io.atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
         with open(run_dir / "metrics.csv", "w", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, METRIC_FIELDS).writeheader()
@@ -338,8 +339,13 @@ def _prepare_run(cfg: Config | None, runs_dir: Path, name: str | None, resume: b
         if cfg is None:
             raise ValueError("no config given: pass --config (a preset name or a YAML file)")
         cfg = validate(apply_overrides(cfg, overrides))
-        run_dir = ckpt_io.new_run_dir(runs_dir, name or ckpt_io.default_run_name(cfg.model.cell))
-        return run_dir, cfg, None
+        if name is None:  # default names are unique even for runs started in the same second
+            name = base = ckpt_io.default_run_name(cfg.model.cell)
+            for i in range(2, 1000):
+                if not (runs_dir / name).exists():
+                    break
+                name = f"{base}-{i}"
+        return ckpt_io.new_run_dir(runs_dir, name), cfg, None
     if name is None:
         run_dir = ckpt_io.find_latest(runs_dir)
     else:

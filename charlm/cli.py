@@ -36,7 +36,8 @@ SetOpt = Annotated[list[str] | None, typer.Option(
     show_default="no overrides")]
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Root directory of runs.")]
 RunOpt = Annotated[str | None, typer.Option(
-    "--run", "-r", help="Run directory or checkpoint file.", show_default="the newest run in --runs-dir")]
+    "--run", "-r", help="Run directory or checkpoint file.",
+    show_default="the newest run in --runs-dir")]
 DeviceOpt = Annotated[str | None, typer.Option(
     "--device", "-d", help="auto | cpu | cuda | cuda:N | mps (auto: CUDA, then MPS, then CPU).",
     show_default="the config's train.device for train, auto otherwise")]
@@ -138,7 +139,8 @@ def sample(
     run: RunOpt = None,
     runs_dir: RunsDirOpt = Path("runs"),
     prime: Annotated[str, typer.Option(
-        "--prime", "-p", help="Text to continue.", show_default="empty: start after a newline")] = "",
+        "--prime", "-p", help="Text to continue.",
+        show_default="empty: start after a newline")] = "",
     length: Annotated[int, typer.Option(
         "--length", "-n", help="Number of new characters.")] = 500,
     temperature: Annotated[float, typer.Option(

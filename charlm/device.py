@@ -19,7 +19,8 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"device '{name}' is not valid; use auto, cpu, cuda, cuda:N or mps") from None
+        raise ValueError(
+            f"device '{name}' is not valid; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cpu":
         return device
     if device.type == "cuda":

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from charlm import checkpoint as ck
-from charlm.config import apply_overrides, load_config
 from charlm import train as train_module
+from charlm.config import apply_overrides, load_config
 from charlm.train import TrainingInterrupted, train
 from tests.conftest import tiny_overrides
 

@@ -226,6 +226,54 @@ def eval_(
                    f"perplexity {score.perplexity:.3f} | {score.chars} chars")
 
 
+# ---------------------------------------------------------------------------- compare
+
+
+@app.command()
+@friendly_errors
+def compare(
+    configs: Annotated[list[str] | None, typer.Argument(
+        metavar="CONFIG...", show_default=False,
+        help="Presets or YAML files to train and compare, e.g. rnn lstm gru transformer.")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="Override a config key for EVERY contender (same corpus, split and "
+        "budget), e.g. --set train.max_time=300 (repeatable).",
+        show_default="no overrides")] = None,
+    params: Annotated[str | None, typer.Option(
+        "--params", help="Size every model to about this many parameters (250k, 1M, 1.5M, "
+        "1000000) by choosing model.hidden_size.", show_default="each config's own size")] = None,
+    device: DeviceOpt = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Folder for compare.csv, compare.md and compare.png; its name "
+        "prefixes the contenders' run names.", show_default="RUNS_DIR/compare-<timestamp>")] = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+) -> None:
+    """Train each CONFIG as a run under one budget; print a table, write CSV/Markdown/plot."""
+    from .compare import ComparisonStopped, default_out_dir, format_table, write_outputs
+    from .compare import compare as run_compare
+
+    if not configs:
+        _fail("give at least one config to compare (a preset or a YAML file), e.g. "
+              "charlm compare rnn lstm gru transformer", code=2)
+    out_dir = out if out is not None else default_out_dir(runs_dir)
+    try:
+        rows = run_compare(configs, list(set_ or []), params, runs_dir, out_dir, device)
+    except ComparisonStopped as stopped:
+        if stopped.rows:  # the finished contenders' results are kept
+            typer.echo(format_table(stopped.rows))
+            write_outputs(stopped.rows, out_dir)
+            kept = f"results of the {len(stopped.rows)} finished contender(s) written to {out_dir}"
+        else:
+            kept = "no contender had finished, nothing written"
+        if stopped.interrupted:
+            typer.echo(f"interrupted: {kept}; {stopped}", err=True)
+            raise typer.Exit(130) from None
+        _fail(f"{stopped}; {kept}")
+    typer.echo(format_table(rows))
+    written = write_outputs(rows, out_dir)
+    typer.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
+
+
 def main() -> None:
     """Entry point of the `charlm` console script."""
     app(prog_name="charlm")

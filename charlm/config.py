@@ -15,7 +15,6 @@ import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -276,7 +275,7 @@ def presets_dir() -> Path:
     source_tree = Path(__file__).resolve().parent.parent / "configs"
     if (source_tree / "lstm.yaml").is_file():
         return source_tree
-    return Path(str(resources.files("charlm.configs")))
+    return Path(__file__).resolve().parent / "configs"  # installed as package data
 
 
 def preset_names() -> list[str]:

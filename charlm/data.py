@@ -125,9 +125,7 @@ def _shipped(name: str) -> Path:
     checkout = Path(__file__).resolve().parent.parent / "data" / name
     if checkout.is_file():
         return checkout
-    from importlib import resources
-
-    return Path(str(resources.files("charlm.corpora") / name))
+    return Path(__file__).resolve().parent / "corpora" / name  # installed as package data
 
 
 def stdlib_files() -> list[Path]:

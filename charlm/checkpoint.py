@@ -58,10 +58,12 @@ def find_latest(runs_dir: Path) -> Path:
     """The newest run under `runs_dir`: the LATEST pointer, else the newest checkpoint."""
     runs_dir = Path(runs_dir)
     pointer = runs_dir / LATEST
-    if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8").strip()
-        if name and _NAME_RE.match(name) and (runs_dir / name).is_dir():
-            return runs_dir / name
+    try:  # a damaged or hostile pointer (`../../etc`, `/etc`, binary) is ignored, never followed
+        name = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    if name and _NAME_RE.match(name) and ".." not in name and (runs_dir / name).is_dir():
+        return runs_dir / name
     candidates = [p.parent for p in runs_dir.glob("*/last.pt")]
     if not candidates:
         raise FileNotFoundError(
@@ -114,6 +116,42 @@ def atomic_write_bytes_via(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+
+
+def remove_stale_temp_files(directory: Path) -> list[Path]:
+    """Delete temp files that a killed writer (kill -9, power loss) left in `directory`.
+
+    Only files named like `atomic_write_bytes_via` names them, whose writer process is gone,
+    are removed: a writer that is still alive keeps its file."""
+    removed = []
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        m = _TEMP_RE.match(path.name)
+        if not m or not path.is_file():
+            continue
+        pid = int(m["pid"])
+        if pid != os.getpid():
+            if os.name == "nt":
+                continue  # os.kill(pid, 0) would terminate the process on Windows
+            try:
+                os.kill(pid, 0)
+                continue  # the writer still runs
+            except ProcessLookupError:
+                pass
+            except (PermissionError, OverflowError, OSError):
+                continue  # someone else's live process, or not a pid we can check
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -17,18 +17,20 @@ import io
 import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
 from . import train as training
 from .config import Config, load_config
 from .data import check_lengths, load_dataset
-from .device import resolve_device
+from .device import autocast, resolve_device
 from .model import build_model, count_parameters
 
 FIELDS = ["config", "cell", "run", "params", "hidden_size", "steps", "tokens_per_s",
@@ -134,7 +136,7 @@ def default_out_dir(runs_dir: str | Path) -> Path:
 
 def prepare(configs: list[str], overrides: list[str] | None, params: str | None,
             runs_dir: Path, out_dir: Path, device: str | None = None,
-            log=None) -> list[Contender]:
+            log: Callable[[str], None] | None = None) -> list[Contender]:
     """Load, override, size and check every contender, so bad input fails before any training."""
     if not configs:
         raise ValueError("give at least one config to compare, e.g. charlm compare rnn lstm "
@@ -145,7 +147,7 @@ def prepare(configs: list[str], overrides: list[str] | None, params: str | None,
     datasets: dict[tuple, object] = {}
     prefix = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(out_dir).name).strip(".-") or "compare"
     contenders: list[Contender] = []
-    for config, cfg in zip(configs, cfgs):
+    for config, cfg in zip(configs, cfgs, strict=True):
         key = (cfg.data.source, cfg.data.val_fraction)
         if key not in datasets:
             datasets[key] = load_dataset(cfg.data)
@@ -174,6 +176,26 @@ def prepare(configs: list[str], overrides: list[str] | None, params: str | None,
 # ---------------------------------------------------------------------------- the comparison
 
 
+def warm_up(contenders: list[Contender]) -> None:
+    """One tiny untimed training step per (cell, device): the first step in a process pays
+    one-off costs (lazy imports, kernel and thread-pool set-up) of a second or more, which
+    would otherwise come out of the first contender's time budget alone."""
+    seen = set()
+    for c in contenders:
+        device = resolve_device(c.cfg.train.device)
+        if (c.cfg.model.cell, device) in seen:
+            continue
+        seen.add((c.cfg.model.cell, device))
+        model = build_model(c.cfg, 2).to(device)
+        optimizer = training.make_optimizer(model, c.cfg.train, device)
+        x = torch.zeros(1, min(8, c.cfg.train.seq_len), dtype=torch.long, device=device)
+        with autocast(device):
+            logits, _ = model(x, None)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), x.flatten())
+        loss.backward()
+        optimizer.step()
+
+
 def compare(configs: list[str], overrides: list[str] | None = None, params: str | None = None,
             runs_dir: str | Path = "runs", out_dir: str | Path | None = None,
             device: str | None = None, quiet: bool = False) -> list[Row]:
@@ -187,6 +209,7 @@ def compare(configs: list[str], overrides: list[str] | None = None, params: str 
             tqdm.write(msg, file=sys.stderr)
 
     contenders = prepare(configs, overrides, params, runs_dir, out_dir, device, log)
+    warm_up(contenders)
     rows: list[Row] = []
     bar = tqdm(total=len(contenders), unit="run", file=sys.stderr, dynamic_ncols=True,
                disable=quiet or not sys.stderr.isatty())
@@ -241,11 +264,11 @@ def _table_cells(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
 def format_table(rows: list[Row]) -> str:
     """The terminal table: aligned columns, text left, numbers right."""
     header, body = _table_cells(rows)
-    widths = [max(len(x) for x in col) for col in zip(header, *body)]
+    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) if i < 2 or i == len(cells) - 1 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
 
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
 
@@ -283,7 +306,7 @@ def write_plot(rows: list[Row], path: Path) -> bool:
         curve = read_val_curve(r.run)
         if not curve:
             continue
-        steps, times, bpc = zip(*curve)
+        steps, times, bpc = zip(*curve, strict=True)
         label = f"{Path(r.run).name} ({_human(r.params)})"
         by_time.plot(times, bpc, marker=".", label=label)
         by_step.plot(steps, bpc, marker=".", label=label)

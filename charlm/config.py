@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -170,6 +169,10 @@ def from_dict(raw: Any, origin: str = "config") -> Config:
 def set_key(cfg: Config, dotted: str, value: Any) -> None:
     """Set one dotted key (`train.lr`) on `cfg`, type-checked against the dataclass."""
     parts = dotted.split(".")
+    if dotted in SECTIONS:
+        first = fields(SECTIONS[dotted])[0].name
+        raise ValueError(f"'{dotted}' is a section, not a key: set one of its keys, e.g. "
+                         f"{dotted}.{first}=...")
     if len(parts) != 2 or parts[0] not in SECTIONS:
         raise ValueError(f"unknown key '{dotted}'{_suggest(dotted, all_keys())}")
     section, name = parts
@@ -201,6 +204,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _is_text_key(dotted: str) -> bool:
+    section, _, name = dotted.partition(".")
+    return section in SECTIONS and _field_types(SECTIONS[section]).get(name) is str
+
+
 def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
     """Apply `--set key=value` strings to a copy of `cfg`."""
     cfg = dataclasses.replace(
@@ -213,6 +221,10 @@ def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
     for text in overrides or []:
         try:
             key, value = parse_override(text)
+            if value is not None and not isinstance(value, str) and _is_text_key(key):
+                # a file or cell name that YAML reads as a number, date or bool (`1e3`, `0123`,
+                # `yes`) is kept exactly as typed
+                value = text.split("=", 1)[1].strip()
             set_key(cfg, key, value)
         except ValueError as e:
             problems.append(str(e))
@@ -252,8 +264,8 @@ def validate(cfg: Config) -> Config:
             p.append(f"train.{key} must be >= 0, got {getattr(t, key)}")
     if t.max_time is not None and not t.max_time > 0:
         p.append(f"train.max_time must be a positive number of seconds or null, got {t.max_time}")
-    if not (t.lr > 0 and math.isfinite(t.lr)):
-        p.append(f"train.lr must be a positive number, got {t.lr}")
+    if not 0 < t.lr <= 1e30:  # AdamW's first step is 10 * lr: larger overflows float32
+        p.append(f"train.lr must be a positive number (at most 1e30), got {t.lr}")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         p.append(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if t.schedule not in SCHEDULES:

@@ -19,6 +19,7 @@ import sysconfig
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,9 @@ TINYSHAKESPEARE_URL = (
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ".csv", ".tsv", ".json", ".html", ".tex"}
 _MAX_CODEPOINT = 0x110000
-_CHUNK_CHARS = 8_000_000  # encode in chunks to bound peak memory on huge corpora
+# Text is decoded and encoded in pieces of this size to bound peak memory on huge corpora.
+_CHUNK_CHARS = 8_000_000
+_CHUNK_BYTES = 8 << 20
 CACHE_FORMAT = 1
 
 
@@ -50,15 +53,24 @@ class Vocab:
         return len(self.chars)
 
     def encode(self, text: str) -> torch.Tensor:
-        """Ids of `text` (every character must be in the vocabulary)."""
-        return torch.tensor([self.stoi[c] for c in text], dtype=torch.long)
+        """Ids of `text` as int64 (every character must be in the vocabulary, else
+        ValueError). Long texts take the vectorised path of `encode_text`."""
+        if len(text) > 4096:
+            return encode_text(text, self).long()
+        try:
+            return torch.tensor([self.stoi[c] for c in text], dtype=torch.long)
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary") from None
 
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
 
     def missing(self, text: str) -> list[str]:
         """Characters of `text` the vocabulary lacks, in order of first appearance."""
-        return list(dict.fromkeys(c for c in text if c not in self.stoi))
+        absent = set(text).difference(self.stoi)  # set() runs in C: fast on a big file
+        if len(absent) > 256:  # ordering by text.index would rescan the text for each one
+            return list(dict.fromkeys(c for c in text if c in absent))
+        return sorted(absent, key=text.index)
 
 
 def token_dtype(vocab_size: int) -> torch.dtype:
@@ -71,33 +83,61 @@ def token_dtype(vocab_size: int) -> torch.dtype:
 
 
 def _codepoints(text: str) -> torch.Tensor:
-    # UTF-32 gives one int32 per character: the vectorised way from str to integers.
-    return torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
+    """The code points of `text` as int32, without a Python loop per character."""
+    if not text:
+        return torch.empty(0, dtype=torch.int32)
+    # UTF-32 gives one int32 per character. The bytes are read-only and torch warns about
+    # that; the tensor is only ever read, so wrapping them saves a copy.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(text.encode("utf-32-le"), dtype=torch.int32)
+
+
+def _str_pieces(text: str) -> Iterator[str]:
+    for start in range(0, len(text), _CHUNK_CHARS):
+        yield text[start : start + _CHUNK_CHARS]
+
+
+def _scan(pieces: Iterable[str]) -> tuple[Vocab, int]:
+    """The vocabulary (from a histogram of code points) and the length of text in pieces."""
+    counts = torch.zeros(_MAX_CODEPOINT, dtype=torch.int64)
+    length = 0
+    for piece in pieces:
+        points = _codepoints(piece)
+        counts += torch.bincount(points, minlength=_MAX_CODEPOINT)
+        length += len(points)
+    present = torch.nonzero(counts).flatten().tolist()
+    return Vocab("".join(map(chr, present))), length
 
 
 def build_vocab(text: str) -> Vocab:
     """The sorted set of characters of `text`, found with a histogram of code points."""
-    counts = torch.zeros(_MAX_CODEPOINT, dtype=torch.int64)
-    for start in range(0, len(text), _CHUNK_CHARS):
-        counts += torch.bincount(_codepoints(text[start : start + _CHUNK_CHARS]),
-                                 minlength=_MAX_CODEPOINT)
-    present = torch.nonzero(counts).flatten().tolist()
-    return Vocab("".join(map(chr, present)))
+    return _scan(_str_pieces(text))[0]
 
 
-def encode_text(text: str, vocab: Vocab) -> torch.Tensor:
-    """Encode `text` into a 1-D tensor of `token_dtype(len(vocab))`, vectorised."""
+def _lookup_table(vocab: Vocab) -> torch.Tensor:
+    """code point -> id (int32), -1 for characters outside the vocabulary."""
     lut = torch.full((_MAX_CODEPOINT,), -1, dtype=torch.int32)
     lut[torch.tensor([ord(c) for c in vocab.chars], dtype=torch.long)] = torch.arange(
         len(vocab), dtype=torch.int32
     )
-    dtype = token_dtype(len(vocab))
+    return lut
+
+
+def _encode_piece(text: str, lut: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # index_select is an order of magnitude faster than advanced indexing (lut[points]) here.
+    ids = lut.index_select(0, _codepoints(text))
+    if bool((ids < 0).any()):
+        raise ValueError("text contains characters outside the vocabulary")
+    return ids.to(dtype)
+
+
+def encode_text(text: str, vocab: Vocab) -> torch.Tensor:
+    """Encode `text` into a 1-D tensor of `token_dtype(len(vocab))`, vectorised."""
+    lut, dtype = _lookup_table(vocab), token_dtype(len(vocab))
     out = torch.empty(len(text), dtype=dtype)
-    for start in range(0, len(text), _CHUNK_CHARS):
-        ids = lut[_codepoints(text[start : start + _CHUNK_CHARS]).long()]
-        if bool((ids < 0).any()):
-            raise ValueError("text contains characters outside the vocabulary")
-        out[start : start + len(ids)] = ids.to(dtype)
+    for i, piece in enumerate(_str_pieces(text)):
+        out[i * _CHUNK_CHARS : i * _CHUNK_CHARS + len(piece)] = _encode_piece(piece, lut, dtype)
     return out
 
 
@@ -205,31 +245,79 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_corpus(source: str) -> tuple[bytes, list[Path]]:
-    """The raw bytes of a corpus (files joined in order) and the files they came from."""
-    files = source_files(source)
+def _read_files(files: list[Path]) -> bytes:
     parts = []
     for f in files:
         try:
-            parts.append(f.read_bytes())
+            raw = f.read_bytes()
         except OSError as e:
             raise FileNotFoundError(f"cannot read corpus file '{f}': {e.strerror}") from None
-    return b"".join(parts), files
+        # Windows editors start UTF-8 files with a byte-order mark: not text, so not a token
+        parts.append(raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw)
+    return parts[0] if len(parts) == 1 else b"".join(parts)  # one file: no second copy
+
+
+def read_corpus(source: str) -> tuple[bytes, list[Path]]:
+    """The raw bytes of a corpus (files joined in order) and the files they came from."""
+    files = source_files(source)
+    return _read_files(files), files
+
+
+def _corpus_digest(files: list[Path]) -> str:
+    """SHA-256 of the files joined, read in blocks: a cache hit never holds the corpus in RAM."""
+    h = hashlib.sha256()
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                while block := fh.read(_CHUNK_BYTES):
+                    h.update(block)
+        except OSError as e:
+            raise FileNotFoundError(f"cannot read corpus file '{f}': {e.strerror}") from None
+    return h.hexdigest()
+
+
+def _text_pieces(raw: bytes) -> Iterator[tuple[str, int]]:
+    """Decode UTF-8 `raw` about `_CHUNK_BYTES` at a time, with CRLF normalised to LF; yields
+    (text, number of undecodable byte sequences replaced by U+FFFD). Cuts fall between
+    characters and never inside a CRLF, so the pieces joined are the whole text decoded, while
+    a str of the whole corpus (up to 4 bytes per character) is never built."""
+    n, start = len(raw), 0
+    while start < n:
+        end = min(start + _CHUNK_BYTES, n)
+        if end < n:
+            lowest = max(start + 1, end - 3)  # a character has at most 3 continuation bytes
+            while end > lowest and raw[end] & 0xC0 == 0x80:  # 0b10xxxxxx: continuation byte
+                end -= 1
+            if raw[end - 1] == 0x0D and end - 1 > start:  # keep "\r\n" in one piece
+                end -= 1
+        piece = raw[start:end]
+        try:
+            text, bad = piece.decode("utf-8"), 0
+        except UnicodeDecodeError:
+            text = piece.decode("utf-8", errors="replace")
+            bad = text.count("\ufffd") - piece.count("\ufffd".encode("utf-8"))
+        # Windows line endings would double every line break's cost; normalise like text mode.
+        if "\r" in text:
+            text = text.replace("\r\n", "\n")
+        yield text, bad
+        start = end
+
+
+def _warn_undecodable(source: str, bad: int) -> None:
+    warnings.warn(
+        f"data.source '{source}' is not valid UTF-8: {bad} undecodable byte sequences were "
+        "replaced by U+FFFD",
+        stacklevel=3,
+    )
 
 
 def decode_corpus(raw: bytes, source: str) -> str:
     """UTF-8 text; invalid bytes are replaced by U+FFFD with a warning (never a crash)."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="replace")
-        warnings.warn(
-            f"data.source '{source}' is not valid UTF-8: {text.count(chr(0xFFFD))} "
-            "undecodable byte sequences were replaced by U+FFFD",
-            stacklevel=2,
-        )
-    # Windows line endings would double every line break's cost; normalise like text mode does.
-    return text.replace("\r\n", "\n")
+    pieces = list(_text_pieces(raw))
+    bad = sum(b for _, b in pieces)
+    if bad:
+        _warn_undecodable(source, bad)
+    return "".join(text for text, _ in pieces)
 
 
 # ---------------------------------------------------------------------------- dataset
@@ -247,48 +335,97 @@ class Dataset:
     val_is_train: bool = False  # val_fraction 0: the training text doubles as validation
 
 
-def _cached_tokens(raw: bytes, source: str) -> tuple[Vocab, torch.Tensor]:
-    """Encode `raw` once into the token cache; later calls memory-map the cached file."""
-    key = _sha256(raw)[:24]
+def _cache_paths(key: str) -> tuple[Path, Path]:
     root = cache_dir()
-    meta_path, tok_path = root / f"{key}.json", root / f"{key}.tokens"
-    if meta_path.is_file() and tok_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            if meta.get("format") == CACHE_FORMAT:
-                dtype = getattr(torch, meta["dtype"])
-                tokens = torch.from_file(str(tok_path), shared=False, size=meta["length"],
-                                         dtype=dtype)
-                return Vocab(meta["vocab"]), tokens
-        except (OSError, ValueError, KeyError, RuntimeError, AttributeError):
-            pass  # a damaged cache entry is rebuilt below
-    text = decode_corpus(raw, source)
-    vocab = build_vocab(text)
-    tokens = encode_text(text, vocab)
-    del text
+    return root / f"{key}.json", root / f"{key}.tokens"
+
+
+def _open_cached(key: str) -> tuple[Vocab, torch.Tensor] | None:
+    """Memory-map the cached tokens of corpus `key`, or None if absent, stale or damaged."""
+    meta_path, tok_path = _cache_paths(key)
+    if not (meta_path.is_file() and tok_path.is_file()):
+        return None
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = tok_path.with_name(f"{tok_path.name}.{os.getpid()}.tmp")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("format") != CACHE_FORMAT:
+            return None
+        dtype = getattr(torch, meta["dtype"])
+        if tok_path.stat().st_size != meta["length"] * dtype.itemsize:
+            return None
+        # A private, read-only-in-practice mapping: pages are read from disk as batches touch
+        # them and can be dropped again by the kernel, so RSS stays far below the corpus size.
+        tokens = torch.from_file(str(tok_path), shared=False, size=meta["length"], dtype=dtype)
+        return Vocab(meta["vocab"]), tokens
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError):
+        return None  # a damaged cache entry is rebuilt
+
+
+def _encode_into_cache(raw: bytes, source: str) -> tuple[Vocab, torch.Tensor]:
+    """Encode `raw` in two passes over pieces (vocabulary, then ids) straight into the token
+    cache file, and memory-map the result; if the cache is not writable, keep it in RAM."""
+    bad = 0
+
+    def pieces() -> Iterator[str]:
+        nonlocal bad
+        bad = 0
+        for text, undecodable in _text_pieces(raw):
+            bad += undecodable
+            yield text
+
+    vocab, length = _scan(pieces())
+    if bad:
+        _warn_undecodable(source, bad)
+    lut, dtype = _lookup_table(vocab), token_dtype(len(vocab))
+    key = _sha256(raw)[:24]
+    meta_path, tok_path = _cache_paths(key)
+    tmp = tok_path.with_name(f"{tok_path.name}.{os.getpid()}.tmp")
+    try:
+        tok_path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_bytes(b"")
-        # A shared mapping writes straight through to the file: no extra copy in RAM.
-        torch.from_file(str(tmp), shared=True, size=len(tokens), dtype=tokens.dtype).copy_(tokens)
+        # A shared mapping writes straight through to the file: the ids never exist in RAM
+        # beyond the page cache.
+        out = torch.from_file(str(tmp), shared=True, size=length, dtype=dtype)
+    except (OSError, RuntimeError) as e:  # a read-only cache is an inconvenience, not an error
+        reason = getattr(e, "strerror", None) or e
+        print(f"charlm: could not write token cache in {tok_path.parent}: {reason}",
+              file=sys.stderr)
+        tmp, out = None, torch.empty(length, dtype=dtype)
+    pos = 0
+    for text in pieces():
+        ids = _encode_piece(text, lut, dtype)
+        out[pos : pos + len(ids)] = ids
+        pos += len(ids)
+    if tmp is None:
+        return vocab, out
+    del out  # unmap (flushes to the file) before the rename
+    try:
         os.replace(tmp, tok_path)
-        meta = {"format": CACHE_FORMAT, "vocab": vocab.chars, "length": len(tokens),
-                "dtype": str(tokens.dtype).removeprefix("torch.")}
+        meta = {"format": CACHE_FORMAT, "vocab": vocab.chars, "length": length,
+                "dtype": str(dtype).removeprefix("torch.")}
         tmp_meta = meta_path.with_name(f"{meta_path.name}.{os.getpid()}.tmp")
         tmp_meta.write_text(json.dumps(meta), encoding="utf-8")
         os.replace(tmp_meta, meta_path)
-    except OSError as e:  # a read-only cache is an inconvenience, not an error
-        print(f"charlm: could not write token cache in {root}: {e.strerror}", file=sys.stderr)
-    return vocab, tokens
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"could not write token cache in {tok_path.parent}: {e.strerror}") from None
+    return vocab, torch.from_file(str(tok_path), shared=False, size=length, dtype=dtype)
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Read, encode (cached) and split the corpus named by `cfg.source`."""
-    raw, files = read_corpus(cfg.source)
-    if not raw.strip():
-        raise ValueError(f"data.source '{cfg.source}' is empty: give a file with some text")
-    vocab, tokens = _cached_tokens(raw, cfg.source)
+    """Read, encode (cached) and split the corpus named by `cfg.source`.
+
+    The cache is keyed by the SHA-256 of the corpus bytes, so an edited corpus is re-encoded
+    and an unchanged one is only hashed (streamed) and memory-mapped."""
+    files = source_files(cfg.source)
+    cached = _open_cached(_corpus_digest(files)[:24])
+    if cached is None:
+        raw = _read_files(files)
+        # isspace() stops at the first non-space byte; strip() would copy the whole corpus.
+        if not raw or raw.isspace():
+            raise ValueError(f"data.source '{cfg.source}' is empty: give a file with some text")
+        cached = _encode_into_cache(raw, cfg.source)
+        del raw
+    vocab, tokens = cached
     n = len(tokens)
     n_val = int(n * cfg.val_fraction)
     if n_val == 0:

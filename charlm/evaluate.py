@@ -2,7 +2,8 @@
 
 `evaluate_tokens` streams through a whole split: the text is cut into `batch_size` contiguous
 streams scored window by window, carrying the state for models that carry one, so every
-character is scored exactly once. `estimate_loss` is the quick version used during training.
+character is scored exactly once. Only one window of ids is gathered at a time, so scoring a
+memory-mapped split of any size needs memory for a batch, not for the split. `estimate_loss` is the quick version used during training.
 """
 
 from __future__ import annotations
@@ -67,11 +68,15 @@ def evaluate_tokens(model: nn.Module, tokens: torch.Tensor, seq_len: int, device
     stream_len = n // streams
     total = 0.0
 
-    def score(x_all: torch.Tensor, y_all: torch.Tensor) -> float:  # (B, L) each
+    def score(starts: torch.Tensor, length: int) -> float:
+        """Loss summed over `length` characters of each stream starting at `starts` (B,)."""
         loss_sum, state = 0.0, None
-        for s in range(0, x_all.size(1), seq_len):
-            x = x_all[:, s : s + seq_len].to(device)
-            y = y_all[:, s : s + seq_len].to(device)
+        for s in range(0, length, seq_len):
+            width = min(seq_len, length - s)
+            # Gather only this window (B, width + 1) from the (possibly memory-mapped, uint8)
+            # tokens: the split is never materialised as int64.
+            chunk = tokens[starts[:, None] + s + torch.arange(width + 1)].long().to(device)
+            x, y = chunk[:, :-1], chunk[:, 1:]
             with autocast(device):
                 logits, state = model(x, state if model.carries_state else None)
             state = detach_state(state)
@@ -81,12 +86,9 @@ def evaluate_tokens(model: nn.Module, tokens: torch.Tensor, seq_len: int, device
                 progress(x.numel())
         return loss_sum
 
-    body = tokens[: streams * stream_len + 1].long()
-    x_all = body[:-1].view(streams, stream_len)
-    y_all = body[1:].view(streams, stream_len)
-    total += score(x_all, y_all)
-    tail = tokens[streams * stream_len :].long()  # what the streams left over
-    if len(tail) > 1:
-        total += score(tail[:-1][None], tail[1:][None])
+    total += score(torch.arange(streams) * stream_len, stream_len)
+    tail = n - streams * stream_len  # what the streams left over, scored as one more stream
+    if tail > 0:
+        total += score(torch.tensor([streams * stream_len]), tail)
     model.train(was_training)
     return Score(loss=total / n, chars=n)

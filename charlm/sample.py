@@ -7,6 +7,7 @@ top-k and top-p (nucleus) filtering restrict the choice to the most likely chara
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -19,8 +20,8 @@ def check_sampling_options(length: int, temperature: float, top_k: int, top_p: f
     """Raise ValueError naming the flag for any out-of-range sampling option."""
     if length < 0:
         raise ValueError(f"--length must be >= 0, got {length}")
-    if not temperature >= 0:
-        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"--temperature must be a number >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
         raise ValueError(f"--top-k must be >= 0 (0 = off), got {top_k}")
     if not 0 < top_p <= 1:
@@ -32,7 +33,15 @@ def pick_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
     """Choose the next id from logits (V,): greedy, or sampled after temperature/top-k/top-p."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    # A diverged model can emit NaN/inf logits: NaN is never picked, +inf ties share the
+    # probability, all-NaN is uniform. Shifting the maximum to 0 and dividing in float64 keeps
+    # a tiny temperature or huge logits from turning into inf - inf or 0 / 0 = NaN.
+    logits = torch.nan_to_num(logits.double(), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    if torch.isposinf(logits).any():
+        logits = torch.full_like(logits, -math.inf).masked_fill(torch.isposinf(logits), 0.0)
+    elif torch.isneginf(logits).all():
+        logits = torch.zeros_like(logits)
+    logits = (logits - logits.max()) / temperature
     if top_k and top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

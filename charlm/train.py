@@ -39,6 +39,11 @@ RESUME_LOCKED = ["data.source", "data.val_fraction", "model.*", "train.batch_siz
                  "train.seq_len", "train.seed", "train.stateful"]
 
 
+# With train.skip_nonfinite, this many non-finite steps in a row stop training: the weights
+# themselves have diverged and every further step would be skipped too (an endless loop).
+MAX_SKIPPED_STEPS = 100
+
+
 class TrainingInterrupted(Exception):
     """Ctrl-C/SIGTERM: `last.pt` was saved; the message says how to resume."""
 
@@ -199,7 +204,7 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
         elapsed = resumed["elapsed_s"]
         _truncate_metrics(run_dir / "metrics.csv", step)
     else:  # the directory appears only now that data, model and device are known to work
-        run_dir.mkdir(parents=True, exist_ok=False)
+        run_dir.mkdir(parents=True, exist_ok=resume)  # resume: a run with no checkpoint yet
         ckpt_io.atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
         with open(run_dir / "metrics.csv", "w", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, METRIC_FIELDS).writeheader()
@@ -239,6 +244,7 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
     tokens_per_step = t.batch_size * t.seq_len
     loss_sum, loss_count, window_start, window_steps = 0.0, 0, time.perf_counter(), 0
     tokens_per_s, last_val = 0.0, None
+    skipped = 0  # consecutive non-finite steps
     model.train()
     try:
         with _graceful_stop() as stop:
@@ -267,7 +273,8 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
                     model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
                 loss_value = loss.item()
                 if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
-                    if t.skip_nonfinite:
+                    skipped += 1
+                    if t.skip_nonfinite and skipped < MAX_SKIPPED_STEPS:
                         optimizer.zero_grad(set_to_none=True)
                         state = None
                         if not quiet:
@@ -275,14 +282,18 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
                                        "skipped (train.skip_nonfinite)", file=sys.stderr)
                         continue
                     save("last.pt")  # weights are still the last good ones
+                    what = "loss" if not math.isfinite(loss_value) else "gradient"
+                    or_skip = "; or --set train.skip_nonfinite=true to skip such steps"
+                    if t.skip_nonfinite:  # skipping cannot help: the weights themselves diverged
+                        what, or_skip = f"loss or gradient in {skipped} consecutive steps", ""
                     raise NonFiniteError(
-                        f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'} "
-                        f"at step {step + 1}; training stopped and the last good weights are in "
-                        f"{run_dir / 'last.pt'}. Lower train.lr (now {t.lr:g}) or set "
-                        f"train.grad_clip (now {t.grad_clip:g}), then --resume; or "
-                        "--set train.skip_nonfinite=true to skip such steps"
+                        f"non-finite {what} at step {step + 1}; training stopped and the last "
+                        f"good weights are in {run_dir / 'last.pt'}. Lower train.lr (now "
+                        f"{t.lr:g}) or set train.grad_clip (now {t.grad_clip:g}), then "
+                        f"--resume{or_skip}"
                     )
                 optimizer.step()
+                skipped = 0
                 # carry the hidden state, detached: gradients stop at the window start
                 state = detach_state(new_state) if stateful else None
                 step += 1
@@ -321,9 +332,11 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
                         f"interrupted at step {step}; saved {run_dir / 'last.pt'}. Resume with: "
                         f"charlm train --name {run_dir.name} --runs-dir {runs_dir} --resume")
     except KeyboardInterrupt:
-        save("last.pt")
+        # A second Ctrl-C can land mid-step (batch drawn, weights half-updated): saving then
+        # would make a resume silently inexact, so the last checkpoint is kept as it is.
         raise TrainingInterrupted(
-            f"interrupted at step {step}; saved {run_dir / 'last.pt'}. Resume with: "
+            f"stopped at once (second Ctrl-C) during step {step + 1}; nothing more was saved. "
+            f"Resume from the last checkpoint with: "
             f"charlm train --name {run_dir.name} --runs-dir {runs_dir} --resume") from None
     finally:
         bar.close()
@@ -350,11 +363,29 @@ def _prepare_run(cfg: Config | None, runs_dir: Path, name: str | None, resume: b
         run_dir = ckpt_io.find_latest(runs_dir)
     else:
         run_dir = runs_dir / ckpt_io.check_run_name(name)
-    if not (run_dir / "last.pt").is_file():
-        raise FileNotFoundError(f"--resume: run '{run_dir}' has no last.pt to resume from; "
-                                "start it without --resume")
-    resumed = ckpt_io.load_checkpoint(run_dir / "last.pt")
-    saved = validate(from_dict(resumed["config"], origin=f"{run_dir / 'last.pt'}"))
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"--resume: there is no run '{run_dir}'; start it without "
+                                "--resume, or give the --name and --runs-dir of an existing run")
+    ckpt_io.remove_stale_temp_files(run_dir)  # left by a writer that was killed mid-save
+    # best.pt is a full checkpoint too: it stands in for last.pt when a kill came between the
+    # first writes of the two.
+    source = next((run_dir / n for n in ("last.pt", "best.pt") if (run_dir / n).is_file()), None)
+    if source is None:
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(
+                f"--resume: run '{run_dir}' has no checkpoint and no config.yaml (it stopped "
+                "before training began); remove that directory or choose another --name")
+        # Stopped before its first checkpoint: nothing was learnt, and a run started over from
+        # step 0 with the same config and seed is exactly the run that was interrupted.
+        from .config import load_yaml
+
+        origin = str(run_dir / "config.yaml")
+        saved = validate(from_dict(load_yaml(run_dir / "config.yaml"), origin=origin))
+        new = validate(apply_overrides(cfg if cfg is not None else saved, overrides))
+        check_resume_compatible(saved, new)
+        return run_dir, new, None
+    resumed = ckpt_io.load_checkpoint(source)
+    saved = validate(from_dict(resumed["config"], origin=str(source)))
     # Keys not locked (max_steps, max_time, device, lr, ...) may change on resume.
     new = validate(apply_overrides(cfg if cfg is not None else saved, overrides))
     check_resume_compatible(saved, new)

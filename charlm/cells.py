@@ -154,11 +154,188 @@ def gru_step(
 
 
 # --------------------------------------------------------------------------------------
+# One time step without autograd: the same equations as the ``*_step`` functions, written
+# with in-place ops on fresh results. Sampling calls a layer once per character, so here
+# the number of tensor ops per step is what counts.
+# --------------------------------------------------------------------------------------
+
+
+def _gates(
+    x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None
+) -> Tensor:
+    """W_ih x + b_ih + W_hh h + b_hh as a fresh (B, G) tensor."""
+    pre = F.linear(x, w_ih, b_ih).addmm_(h, w_hh.t())
+    return pre if b_hh is None else pre.add_(b_hh)
+
+
+def _rnn_step_inference(
+    x: Tensor,
+    h: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    relu: bool = False,
+) -> Tensor:
+    pre = _gates(x, h, w_ih, w_hh, b_ih, b_hh)  # (B, H)
+    return pre.relu_() if relu else pre.tanh_()
+
+
+def _lstm_step_inference(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    gates = _gates(x, h, w_ih, w_hh, b_ih, b_hh)  # (B, 4H)
+    H = h.shape[-1]
+    gates[:, : 2 * H].sigmoid_()
+    gates[:, 3 * H :].sigmoid_()
+    i, f, g, o = gates.chunk(4, dim=1)
+    g.tanh_()
+    c_next = torch.mul(f, c).addcmul_(i, g)
+    return torch.tanh(c_next).mul_(o), c_next
+
+
+def _gru_step_inference(
+    x: Tensor,
+    h: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+) -> Tensor:
+    H = h.shape[-1]
+    gi = F.linear(x, w_ih, b_ih)  # (B, 3H)
+    gh = F.linear(h, w_hh, b_hh)  # (B, 3H)
+    i_rz, i_n = gi.split((2 * H, H), 1)
+    h_rz, h_n = gh.split((2 * H, H), 1)
+    r, z = i_rz.add_(h_rz).sigmoid_().chunk(2, 1)
+    return torch.lerp(i_n.addcmul_(r, h_n).tanh_(), h, z)
+
+
+# --------------------------------------------------------------------------------------
+# Matrix products. On x86 CPUs torch's own recurrent layers run on oneDNN, whose fp32 GEMM
+# is 1.5-2.5x faster here than the MKL one behind torch.mm/addmm (MKL takes its slower
+# code path on AMD processors). To be as fast as torch.nn the fused path must use the same
+# GEMM, which torch exposes as the linear op ``mkldnn::_linear_pointwise`` (a plain
+# ``x @ w.T (+ b)``, optionally ``+ other``; no recurrent kernel involved). It is used for
+# float32 CPU tensors with enough rows to pay for its fixed cost; everything else (CUDA,
+# float64, tiny batches, builds without oneDNN) takes torch.addmm. ``USE_ONEDNN = False``
+# turns it off.
+# --------------------------------------------------------------------------------------
+
+USE_ONEDNN = True
+_ONEDNN_MIN_ROWS = 8  # below this many rows addmm's lower fixed cost wins (measured)
+_onednn_ops: tuple[Callable[..., Tensor], Callable[..., Tensor]] | None | bool = False
+
+
+def _onednn() -> tuple[Callable[..., Tensor], Callable[..., Tensor]] | None:
+    """The oneDNN linear ops (plain, and with a fused ``+ other``) if they work, else None."""
+    global _onednn_ops
+    if _onednn_ops is False:
+        try:
+            op = torch.ops.mkldnn._linear_pointwise
+            lin, lin_add = op.default, op.binary
+            x = torch.arange(6.0).view(2, 3)
+            w = torch.arange(12.0).view(4, 3)
+            other = torch.ones(2, 4)
+            ok = torch.equal(lin(x, w, None, "none", [], ""), x @ w.t()) and torch.equal(
+                lin_add(x, other, w, None, "add"), other + x @ w.t()
+            )
+            _onednn_ops = (lin, lin_add) if ok else None
+        except Exception:  # op missing in this build, or unusable: fall back to addmm
+            _onednn_ops = None
+    return _onednn_ops  # type: ignore[return-value]
+
+
+def _use_onednn(t: Tensor, rows: int) -> bool:
+    return (
+        USE_ONEDNN
+        and rows >= _ONEDNN_MIN_ROWS
+        and t.dtype == torch.float32
+        and t.device.type == "cpu"
+        and _onednn() is not None
+    )
+
+
+def _gemm_fns(
+    t: Tensor, rows: int
+) -> tuple[Callable[[Tensor, Tensor, Tensor | None], Tensor], Callable[..., Tensor]]:
+    """Pick ``lin(x, w, b) = x @ w.T + b`` and ``lin_add(x, w, other) = other + x @ w.T``.
+
+    ``w`` must be contiguous or a transpose of a contiguous tensor (oneDNN crawls on other
+    strides); ``x`` needs unit stride along one dimension.
+    """
+    if _use_onednn(t, rows):
+        op_lin, op_add = _onednn()  # type: ignore[misc]
+        return (
+            lambda x, w, b: op_lin(x, w, b, "none", [], ""),
+            lambda x, w, other: op_add(x, other, w, None, "add"),
+        )
+    return (
+        lambda x, w, b: torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t()),
+        lambda x, w, other: torch.addmm(other, x, w.t()),
+    )
+
+
+def _dense(t: Tensor) -> Tensor:
+    """``t`` if it is row- or column-major, else a contiguous copy (see :func:`_gemm_fns`)."""
+    return t if t.is_contiguous() or t.t().is_contiguous() else t.contiguous()
+
+
+def _mm_nt(x: Tensor, w: Tensor, bias: Tensor | None = None, other: Tensor | None = None) -> Tensor:
+    """``x @ w.T (+ bias) (+ other)`` for large operands, on the fastest backend."""
+    lin, lin_add = _gemm_fns(x, x.shape[0])
+    x, w = _dense(x), _dense(w)
+    return lin(x, w, bias) if other is None else lin_add(x, w, other)
+
+
+class _Projection(torch.autograd.Function):
+    """``x @ W.T + b`` on oneDNN, with its (three GEMM-or-sum) backward: the input projection
+    of every time step at once. Used only where :func:`_use_onednn` holds; elsewhere the
+    projection is a plain autograd ``addmm``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, w)
+        return _mm_nt(x, w, b)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        x, w = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dy = dy.contiguous()
+        dx = _mm_nt(dy, w.t()) if need[0] else None  # (N, G) @ (G, I)
+        dw = _mm_nt(x.t(), dy.t()).t() if need[1] else None  # (x^T dy)^T = dy^T x: (G, I)
+        db = dy.sum(0) if need[2] else None
+        return dx, dw, db
+
+
+def _project(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
+    """Input projection of every step as one GEMM: (T, B, I) -> (T, B, G)."""
+    T, B, n_in = x.shape
+    x2 = x.reshape(T * B, n_in)
+    if _use_onednn(x2, T * B) and not torch.is_autocast_enabled("cpu"):
+        xg = _Projection.apply(x2, w_ih, bias)
+    elif bias is None:
+        xg = torch.mm(x2, w_ih.t())
+    else:
+        xg = torch.addmm(bias, x2, w_ih.t())
+    return xg.view(T, B, w_ih.shape[0])
+
+
+# --------------------------------------------------------------------------------------
 # Fused recurrences. Each ``_*_scan`` runs the forward time loop into preallocated buffers
-# (no per-step allocation, no stack of per-step outputs). It is called directly when no
-# gradient is needed (sampling, evaluation) and from the autograd Functions otherwise;
-# ``keep=True`` makes it keep every step's gate activations for the backward pass, while
-# ``keep=False`` reuses one step's worth of scratch space.
+# (no stack of per-step outputs). It is called directly when no gradient is needed
+# (sampling, evaluation) and from the autograd Functions otherwise; ``keep=True`` makes it
+# keep every step's activations for the backward pass, ``keep=False`` reuses one step's
+# worth of scratch space. tanh is computed as 2 sigmoid(2x) - 1: torch's CPU tanh costs
+# about 7x a sigmoid, and the identity is exact up to float32 rounding (~1e-7).
 # --------------------------------------------------------------------------------------
 
 
@@ -168,6 +345,13 @@ def _steps(buf: Tensor, n: int, keep: bool, period: int = 1) -> Sequence[Tensor]
     if keep:
         return views
     return [views[t % period] for t in range(n)]
+
+
+def _tanh_(x: Tensor, minus_one: Tensor, out: Tensor) -> Tensor:
+    """out = tanh(x) = 2 sigmoid(2x) - 1; overwrites ``x`` (``out`` may be ``x``)."""
+    torch.add(x, x, out=x)
+    x.sigmoid_()
+    return torch.add(minus_one, x, alpha=2, out=out)
 
 
 def _rnn_scan(xg: Tensor, h0: Tensor, w_hh: Tensor, relu: bool) -> Tensor:
@@ -183,15 +367,17 @@ def _rnn_scan(xg: Tensor, h0: Tensor, w_hh: Tensor, relu: bool) -> Tensor:
     """
     T, B, H = xg.shape
     hs = xg.new_empty((T, B, H))
-    w_t = w_hh.t()
-    addmm = torch.addmm
-    h = h0
+    _, lin_add = _gemm_fns(xg, B)
+    w_hh = _dense(w_hh)
+    minus_one = xg.new_full((), -1.0)
+    clamp_min = torch.clamp_min
+    h = h0.contiguous()
     for x_t, h_t in zip(xg.unbind(0), hs.unbind(0), strict=True):
-        addmm(x_t, h, w_t, out=h_t)  # (B, H) pre-activation, written in place
+        pre = lin_add(h, w_hh, x_t)  # (B, H) = x_t + h W_hh^T
         if relu:
-            h_t.relu_()
+            clamp_min(pre, 0.0, out=h_t)
         else:
-            h_t.tanh_()
+            _tanh_(pre, minus_one, out=h_t)
         h = h_t
     return hs
 
@@ -218,28 +404,35 @@ def _lstm_scan(
     cs = xg.new_empty((T if keep else 2, B, H))  # cell states (ping-pong without keep)
     tcs = xg.new_empty((n, B, H))  # tanh(c)
     hs = xg.new_empty((T, B, H))
-    # Per-step views, made once so the loop does no Python slicing.
+    # Per-step views, made once so that the loop does little Python slicing.
     g_all = _steps(gates, T, keep)
-    g_if = _steps(gates[:, :, : 2 * H], T, keep)  # i and f are adjacent: one sigmoid
     g_i = _steps(gates[:, :, :H], T, keep)
     g_f = _steps(gates[:, :, H : 2 * H], T, keep)
     g_g = _steps(gates[:, :, 2 * H : 3 * H], T, keep)
     g_o = _steps(gates[:, :, 3 * H :], T, keep)
     c_l = _steps(cs, T, keep, period=2)
     tc_l = _steps(tcs, T, keep)
-    w_t = w_hh.t()
-    addmm, mul, tanh = torch.addmm, torch.mul, torch.tanh
-    h, c = h0, c0
+    _, lin_add = _gemm_fns(xg, B)
+    w_hh = _dense(w_hh)
+    minus_one = xg.new_full((), -1.0)
+    mul, add, sigmoid = torch.mul, torch.add, torch.sigmoid
+    g_lo, g_hi = 2 * H, 3 * H
+    h, c = h0.contiguous(), c0
     for t, (x_t, h_t) in enumerate(zip(xg.unbind(0), hs.unbind(0), strict=True)):
-        addmm(x_t, h, w_t, out=g_all[t])  # (B, 4H) pre-activations
-        g_if[t].sigmoid_()
-        g_g[t].tanh_()
-        g_o[t].sigmoid_()
+        pre = lin_add(h, w_hh, x_t)  # (B, 4H) = x_t + h W_hh^T
+        # One sigmoid for all four gates, with g's input doubled: tanh(x) = 2 s(2x) - 1.
+        pre_g = pre[:, g_lo:g_hi]
+        add(pre_g, pre_g, out=pre_g)
+        sigmoid(pre, out=g_all[t])
+        add(minus_one, g_g[t], alpha=2, out=g_g[t])
         c_t = c_l[t]
         mul(g_f[t], c, out=c_t)  # c' = f * c ...
         c_t.addcmul_(g_i[t], g_g[t])  # ... + i * g
-        tanh(c_t, out=tc_l[t])
-        mul(g_o[t], tc_l[t], out=h_t)  # h' = o * tanh(c')
+        tc = tc_l[t]
+        add(c_t, c_t, out=tc)
+        tc.sigmoid_()
+        add(minus_one, tc, alpha=2, out=tc)  # tanh(c')
+        mul(g_o[t], tc, out=h_t)  # h' = o * tanh(c')
         h, c = h_t, c_t
     return hs, c, ((gates, cs, tcs) if keep else None)
 
@@ -252,58 +445,60 @@ def _gru_scan(
     Args:
         xg: (T, B, 3H) = W_ih x_t + b_ih for every step (gate order r, z, n).
         h0: (B, H); w_hh: (3H, H); b_hh: (3H,) or None. b_hh stays out of ``xg`` because
-            its n part sits inside the reset gate; the per-step addmm adds it for free.
+            its n part sits inside the reset gate; the per-step GEMM adds it for free.
         keep: keep per-step activations for backward.
 
     Returns:
         (hs, saved): hs (T, B, H) and when ``keep`` (rz (T, B, 2H) activated r and z,
-        n (T, B, H), hg (T, B, 3H) = W_hh h + b_hh).
+        n (T, B, H), hg_n (T, B, H) = W_hn h + b_hn).
     """
     T, B, G = xg.shape
     H = G // 3
     n_buf = T if keep else 1
-    hg = xg.new_empty((n_buf, B, G))
     rz = xg.new_empty((n_buf, B, 2 * H))
     ns = xg.new_empty((n_buf, B, H))
+    hgn = xg.new_empty((T, B, H)) if keep else None
     hs = xg.new_empty((T, B, H))
     x_rz = xg[:, :, : 2 * H].unbind(0)
     x_n = xg[:, :, 2 * H :].unbind(0)
-    hg_l = _steps(hg, T, keep)
-    hg_rz = _steps(hg[:, :, : 2 * H], T, keep)
-    hg_n = _steps(hg[:, :, 2 * H :], T, keep)
     rz_l = _steps(rz, T, keep)
     r_l = _steps(rz[:, :, :H], T, keep)
     z_l = _steps(rz[:, :, H:], T, keep)
     n_l = _steps(ns, T, keep)
-    w_t = w_hh.t()
-    addmm, mm, add, addcmul, lerp = torch.addmm, torch.mm, torch.add, torch.addcmul, torch.lerp
-    h = h0
+    hgn_l = hgn.unbind(0) if hgn is not None else None
+    lin, _ = _gemm_fns(xg, B)
+    w_hh = _dense(w_hh)
+    minus_one = xg.new_full((), -1.0)
+    add, addcmul, lerp = torch.add, torch.addcmul, torch.lerp
+    split = (2 * H, H)
+    h = h0.contiguous()
     for t, h_t in enumerate(hs.unbind(0)):
-        if b_hh is None:
-            mm(h, w_t, out=hg_l[t])  # (B, 3H)
-        else:
-            addmm(b_hh, h, w_t, out=hg_l[t])  # (B, 3H)
-        add(x_rz[t], hg_rz[t], out=rz_l[t])
+        hg_rz, hg_n = lin(h, w_hh, b_hh).split(split, 1)  # (B, 2H), (B, H)
+        if hgn_l is not None:
+            hgn_l[t].copy_(hg_n)
+        add(x_rz[t], hg_rz, out=rz_l[t])
         rz_l[t].sigmoid_()  # r, z
-        addcmul(x_n[t], r_l[t], hg_n[t], out=n_l[t])
-        n_l[t].tanh_()  # n = tanh(x_n + r * hg_n)
-        lerp(n_l[t], h, z_l[t], out=h_t)  # h' = n + z * (h - n) = (1 - z) n + z h
+        n_t = n_l[t]
+        addcmul(x_n[t], r_l[t], hg_n, out=n_t)
+        _tanh_(n_t, minus_one, out=n_t)  # n = tanh(x_n + r * hg_n)
+        lerp(n_t, h, z_l[t], out=h_t)  # h' = n + z * (h - n) = (1 - z) n + z h
         h = h_t
-    return hs, ((rz, ns, hg) if keep else None)
+    return hs, ((rz, ns, hgn) if keep else None)  # type: ignore[return-value]
 
 
 def _dw_hh(dG: Tensor, h0: Tensor, hs: Tensor) -> Tensor:
-    """dW_hh = sum_t dG_t^T h_{t-1} as one GEMM over all steps (plus the h0 term).
+    """dW_hh = sum_t dG_t^T h_{t-1}, as one GEMM over all steps (plus the h0 term).
 
-    dG: (T, B, G) gradients of the recurrent pre-activations (rows may be strided);
-    h0: (B, H); hs: (T, B, H). Returns (G, H).
+    dG: (T, B, G) contiguous gradients of the recurrent pre-activations; h0: (B, H);
+    hs: (T, B, H). Returns (G, H).
     """
     T, B, G = dG.shape
-    dw = torch.mm(dG[0].t(), h0)  # (G, H)
+    H = hs.shape[-1]
+    dw_t = torch.mm(h0.t(), dG[0])  # (H, G): the h0 term (K = B, tiny)
     if T > 1:
-        H = hs.shape[-1]
-        dw.addmm_(dG[1:].reshape((T - 1) * B, G).t(), hs[:-1].reshape((T - 1) * B, H))
-    return dw
+        # dW^T = H_prev^T dG: both operands enter as transposes of contiguous matrices.
+        dw_t = _mm_nt(hs[:-1].reshape(-1, H).t(), dG[1:].reshape(-1, G).t(), other=dw_t)
+    return dw_t.t()
 
 
 def _first_grad(g: Tensor) -> Tensor:
@@ -327,7 +522,7 @@ class _RNNRecurrence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dhs: Tensor):
         h0, w_hh, hs = ctx.saved_tensors
-        T = hs.shape[0]
+        T, B, _ = hs.shape
         # Local derivative of the activation, for all steps at once: tanh' = 1 - h^2,
         # relu' = [h > 0] (h = relu(pre) > 0 exactly where pre > 0).
         if ctx.relu:
@@ -335,12 +530,13 @@ class _RNNRecurrence(torch.autograd.Function):
         else:
             dG = torch.mul(hs, hs).neg_().add_(1)
         dG_l = dG.unbind(0)
-        dhs_l = dhs.unbind(0)
-        dh = _first_grad(dhs_l[T - 1])  # (B, H) total dL/dh_t
-        addmm = torch.addmm
+        dhs_l = dhs.contiguous().unbind(0)
+        _, lin_add = _gemm_fns(hs, B)
+        w_t = _dense(w_hh).t()  # lin_add(x, w_t, o) = o + x @ W_hh
+        dh = dhs_l[T - 1]  # (B, H) total dL/dh_t
         for t in range(T - 1, 0, -1):
             dG_l[t].mul_(dh)
-            addmm(dhs_l[t - 1], dG_l[t], w_hh, out=dh)  # dL/dh_{t-1}
+            dh = lin_add(dG_l[t], w_t, dhs_l[t - 1])  # dL/dh_{t-1}
         dG_l[0].mul_(dh)
         need = ctx.needs_input_grad
         dh0 = torch.mm(dG_l[0], w_hh) if need[1] else None
@@ -373,11 +569,12 @@ class _LSTMRecurrence(torch.autograd.Function):
         i, f = gates[:, :, :H], gates[:, :, H : 2 * H]
         g, o = gates[:, :, 2 * H : 3 * H], gates[:, :, 3 * H :]
         # Step t needs dL/dpre = dc * [g s'(i), c_{t-1} s'(f), i tanh'(g)] for i, f, g and
-        # dh * tanh(c) s'(o) for o, plus dc += dh * o tanh'(c). The factors do not depend
-        # on the gradient, so they are computed for all steps at once here and the loop is
-        # left with five small in-place ops and one matmul per step.
+        # dh * tanh(c) s'(o) for o, plus dc += dh * o tanh'(c), with s' = s (1 - s) and
+        # tanh' = 1 - tanh^2 read off the saved activations. These factors do not depend on
+        # the incoming gradient, so they are computed for all steps at once here, leaving
+        # the loop four small in-place ops and one GEMM per step.
         dG = torch.mul(gates, gates)  # (T, B, 4H): the factors, then dL/dpre in place
-        dG.neg_().add_(gates)  # a (1 - a): the sigmoid derivative (fixed below for g)
+        dG.neg_().add_(gates)  # a (1 - a): the sigmoid derivative (replaced below for g)
         d_i, d_f = dG[:, :, :H], dG[:, :, H : 2 * H]
         d_g, d_o = dG[:, :, 2 * H : 3 * H], dG[:, :, 3 * H :]
         d_i.mul_(g)  # g i (1 - i)
@@ -394,18 +591,19 @@ class _LSTMRecurrence(torch.autograd.Function):
         d_o_l = d_o.unbind(0)
         k_l = k.unbind(0)
         f_l = f.unbind(0)
-        dhs_l = dhs.unbind(0)
-        dh = _first_grad(dhs_l[T - 1])  # (B, H)
-        dc = _first_grad(dc_last)  # (B, H)
+        dhs_l = dhs.contiguous().unbind(0)
+        _, lin_add = _gemm_fns(gates, B)
+        w_t = _dense(w_hh).t()  # lin_add(x, w_t, o) = o + x @ W_hh
+        dh = dhs_l[T - 1]  # (B, H) total dL/dh_t
+        dc = _first_grad(dc_last)  # (B, H) total dL/dc_t, updated in place
         dc3 = dc.unsqueeze(1)  # (B, 1, H) view of dc, broadcast over i, f, g
-        addmm = torch.addmm
         for t in range(T - 1, -1, -1):
             d_o_l[t].mul_(dh)
             dc.addcmul_(dh, k_l[t])  # dL/dc_t
             d_ifg[t].mul_(dc3)
             dc.mul_(f_l[t])  # dL/dc_{t-1} through the forget gate
             if t:
-                addmm(dhs_l[t - 1], dG_l[t], w_hh, out=dh)  # dL/dh_{t-1}
+                dh = lin_add(dG_l[t], w_t, dhs_l[t - 1])  # dL/dh_{t-1}
         need = ctx.needs_input_grad
         dh0 = torch.mm(dG_l[0], w_hh) if need[1] else None
         dw = _dw_hh(dG, h0, hs) if need[3] else None
@@ -428,60 +626,53 @@ class _GRURecurrence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dhs: Tensor):
         h0, w_hh, hs = ctx.saved_tensors
-        rz, ns, hg = ctx.acts
+        rz, ns, hg_n = ctx.acts
         del ctx.acts
-        T, B, G = hg.shape
-        H = G // 3
-        r, z, hg_n = rz[:, :, :H], rz[:, :, H:], hg[:, :, 2 * H :]
+        T, B, H = hs.shape
+        r, z = rz[:, :, :H], rz[:, :, H:]
         # With h' = n + z (h - n):  dz_pre = dh (h - n) z (1 - z),
         # dn_pre = dh (1 - z) (1 - n^2), dr_pre = dn_pre hg_n r (1 - r), d(hg_n) = dn_pre r,
-        # and dh_prev = dh z + [dr_pre, dz_pre, d(hg_n)] @ W_hh. The factors are gathered
-        # for all steps first, laid out so that the loop needs two multiplies: E holds per
-        # step the slots [dr_pre, dz_pre, d(hg_n), dn_pre], so slots (1, 3) are dh times
-        # fac_zn and slots (0, 2) are dn_pre times fac_rr.
-        fac_zn = hs.new_empty((T, B, 2, H))
-        fac_rr = hs.new_empty((T, B, 2, H))
+        # and dh_prev = dh z + [dr_pre, dz_pre, d(hg_n)] @ W_hh. The factors that do not
+        # depend on the incoming gradient are computed for all steps first.
         one_m_z = 1 - z
-        a_z, a_n = fac_zn[:, :, 0], fac_zn[:, :, 1]
+        a_z = torch.empty_like(hs)
         a_z[0] = h0
         if T > 1:
             a_z[1:] = hs[:-1]
         a_z.sub_(ns).mul_(z).mul_(one_m_z)  # (h_prev - n) z (1 - z)
-        torch.mul(ns, ns, out=a_n)
-        a_n.neg_().add_(1).mul_(one_m_z)  # (1 - z) (1 - n^2)
+        a_n = torch.mul(ns, ns).neg_().add_(1).mul_(one_m_z)  # (1 - z) (1 - n^2)
+        fac_rr = hs.new_empty((T, B, 2, H))  # per step [hg_n r (1 - r), r]
         a_r = fac_rr[:, :, 0]
         torch.mul(r, r, out=a_r)
-        a_r.neg_().add_(r).mul_(hg_n)  # hg_n r (1 - r)
+        a_r.neg_().add_(r).mul_(hg_n)
         fac_rr[:, :, 1] = r
 
-        E = hs.new_empty((T, B, 4, H))
-        e_zn = E[:, :, 1::2].unbind(0)  # (B, 2, H) strided views: dz_pre, dn_pre
-        e_rr = E[:, :, 0::2].unbind(0)  # (B, 2, H) strided views: dr_pre, d(hg_n)
-        e_n = E[:, :, 3:4].unbind(0)  # (B, 1, H): dn_pre, broadcast over fac_rr
-        dHg = E.view(T, B, 4 * H)[:, :, :G]  # (T, B, 3H), rows strided by 4H
-        dHg_l = dHg.unbind(0)  # (B, 3H) = [dr_pre, dz_pre, d(hg_n)], rows strided
-        zn_l, rr_l = fac_zn.unbind(0), fac_rr.unbind(0)
-        z_l = z.unbind(0)
-        dhs_l = dhs.unbind(0)
-        dh = _first_grad(dhs_l[T - 1])  # (B, H)
-        dh1 = dh.unsqueeze(1)  # (B, 1, H) view
-        tmp = torch.empty_like(dh)
-        mul, addcmul, addmm = torch.mul, torch.addcmul, torch.addmm
-        for t in range(T - 1, 0, -1):
-            mul(dh1, zn_l[t], out=e_zn[t])
-            mul(e_n[t], rr_l[t], out=e_rr[t])
-            addcmul(dhs_l[t - 1], dh, z_l[t], out=tmp)  # direct path h_{t-1} -> h_t
-            addmm(tmp, dHg_l[t], w_hh, out=dh)  # dL/dh_{t-1}
-        mul(dh1, zn_l[0], out=e_zn[0])
-        mul(e_n[0], rr_l[0], out=e_rr[0])
+        dHg = hs.new_empty((T, B, 3 * H))  # [dr_pre, dz_pre, d(hg_n)]: the GEMM operand
+        dn = torch.empty_like(hs)  # dn_pre, which is also dL/d(x_n)
+        dHg_l = dHg.unbind(0)
+        dz_l = dHg[:, :, H : 2 * H].unbind(0)
+        d_rn = dHg.view(T, B, 3, H)[:, :, 0::2].unbind(0)  # (B, 2, H): slots r and n
+        dn_l = dn.unbind(0)
+        dn3 = dn.unsqueeze(2).unbind(0)  # (B, 1, H) views, broadcast over fac_rr
+        a_z_l, a_n_l, rr_l, z_l = a_z.unbind(0), a_n.unbind(0), fac_rr.unbind(0), z.unbind(0)
+        dhs_l = dhs.contiguous().unbind(0)
+        _, lin_add = _gemm_fns(hs, B)
+        w_t = _dense(w_hh).t()  # lin_add(x, w_t, o) = o + x @ W_hh
+        mul, addcmul = torch.mul, torch.addcmul
+        dh = dhs_l[T - 1]  # (B, H) total dL/dh_t
+        for t in range(T - 1, -1, -1):
+            mul(dh, a_z_l[t], out=dz_l[t])
+            mul(dh, a_n_l[t], out=dn_l[t])
+            mul(dn3[t], rr_l[t], out=d_rn[t])
+            if t:
+                direct = addcmul(dhs_l[t - 1], dh, z_l[t])  # through h' = ... + z h
+                dh = lin_add(dHg_l[t], w_t, direct)  # dL/dh_{t-1}
         need = ctx.needs_input_grad
-        dh0 = None
-        if need[1]:
-            dh0 = torch.mul(dh, z_l[0]).addmm_(dHg_l[0], w_hh)
+        dh0 = torch.mm(dHg_l[0], w_hh).addcmul_(dh, z_l[0]) if need[1] else None
         dw = _dw_hh(dHg, h0, hs) if need[2] else None
         db = dHg.sum(dim=(0, 1)) if need[3] else None
-        # dL/dxg = [dr_pre, dz_pre, dn_pre]: the input side sees n before the reset gate.
-        dxg = torch.cat((E[:, :, 0:2].reshape(T, B, 2 * H), E[:, :, 3]), dim=2)
+        # dL/dxg = [dr_pre, dz_pre, dn_pre]: the input side meets n before the reset gate.
+        dxg = torch.cat((dHg[:, :, : 2 * H], dn), dim=2)
         return dxg, dh0, dw, db
 
 
@@ -799,31 +990,37 @@ class _LayerBase(nn.Module):
     ) -> tuple[Tensor, list[Tensor]]:
         raise NotImplementedError
 
+    def _infer_step(
+        self, x: Tensor, states: list[Tensor], params: list[Tensor | None]
+    ) -> list[Tensor]:
+        raise NotImplementedError
+
     def _params(self, layer: int) -> list[Tensor | None]:
-        names = self._all_weights[layer]
-        ps: list[Tensor | None] = [getattr(self, n) for n in names]
+        # Read through _parameters (not getattr) to keep per-call overhead low for sampling.
+        table = self._parameters
+        ps: list[Tensor | None] = [table[n] for n in self._all_weights[layer]]
         return ps if self.bias else ps + [None, None]
 
     def _run(
         self, input: Tensor, hx: Sequence[Tensor] | None, n_states: int
     ) -> tuple[Tensor, list[Tensor]]:
         """Shared forward: shape handling, the stack of layers, dropout between them."""
-        name = type(self).__name__
-        if input.dim() not in (2, 3):
-            raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D tensor")
-        if input.size(-1) != self.input_size:
+        dim = input.dim()
+        if dim not in (2, 3):
+            name = type(self).__name__
+            raise ValueError(f"{name}: Expected input to be 2D or 3D, got {dim}D tensor")
+        if input.shape[-1] != self.input_size:
             raise RuntimeError(
                 "input.size(-1) must be equal to input_size. "
-                f"Expected {self.input_size}, got {input.size(-1)}"
+                f"Expected {self.input_size}, got {input.shape[-1]}"
             )
-        if input.dtype != self.weight_ih_l0.dtype and not torch.is_autocast_enabled(
-            input.device.type
-        ):
+        w_dtype = self._parameters["weight_ih_l0"].dtype
+        if input.dtype != w_dtype and not torch.is_autocast_enabled(input.device.type):
             raise ValueError(
-                f"{name} input dtype ({input.dtype}) does not match weight dtype "
-                f"({self.weight_ih_l0.dtype})"
+                f"{type(self).__name__} input dtype ({input.dtype}) does not match weight "
+                f"dtype ({w_dtype})"
             )
-        is_batched = input.dim() == 3
+        is_batched = dim == 3
         if not is_batched:
             input = input.unsqueeze(1)  # (T, 1, I)
         elif self.batch_first:
@@ -844,41 +1041,62 @@ class _LayerBase(nn.Module):
                     )
                 if not is_batched:
                     states[k] = h = h.unsqueeze(1)
-                if tuple(h.shape) != expected:
+                if h.shape != expected:
                     which = f"[{k}]" if n_states > 1 else ""
                     raise RuntimeError(
                         f"Expected hidden{which} size {expected}, got {list(h.shape)}"
                     )
         if T == 0:
-            raise RuntimeError(f"{name}: input sequence must have at least one time step")
+            raise RuntimeError(
+                f"{type(self).__name__}: input sequence must have at least one time step"
+            )
 
         grad = torch.is_grad_enabled() and (
             input.requires_grad
             or any(s.requires_grad for s in states)
             or any(p.requires_grad for p in self.parameters())
         )
-        x = input
-        finals: list[list[Tensor]] = []
+        dropout = self.dropout if self.training else 0.0
         last = self.num_layers - 1
-        for layer in range(self.num_layers):
-            x, fin = self._layer(x, [s[layer] for s in states], self._params(layer), grad)
-            finals.append(fin)
-            if layer < last and self.dropout > 0 and self.training:
-                x = F.dropout(x, self.dropout, training=True)
+        per_layer = [s.unbind(0) for s in states]  # per state: a (B, H) view per layer
+        finals: list[list[Tensor]] = []
+        if T == 1 and not grad and self.fused:
+            # Sampling: one step of every layer on (B, I) directly, no sequence machinery.
+            x = input[0]
+            dev = x.device.type
+            for layer in range(self.num_layers):
+                st = [p[layer] for p in per_layer]
+                params = self._params(layer)
+                if torch.is_autocast_enabled(dev):
+                    ctx, cast = _float32_region(dev, x, *st, *params)
+                    x, st, params = (
+                        cast[0],
+                        list(cast[1 : 1 + n_states]),
+                        list(cast[1 + n_states :]),
+                    )
+                    with ctx:
+                        fin = self._infer_step(x, st, params)
+                else:
+                    fin = self._infer_step(x, st, params)
+                finals.append(fin)
+                x = fin[0]
+                if layer < last and dropout > 0:
+                    x = F.dropout(x, dropout, training=True)
+            x = x.unsqueeze(0)  # (1, B, H)
+        else:
+            x = input
+            for layer in range(self.num_layers):
+                st = [p[layer] for p in per_layer]
+                x, fin = self._layer(x, st, self._params(layer), grad)
+                finals.append(fin)
+                if layer < last and dropout > 0:
+                    x = F.dropout(x, dropout, training=True)
         out_states = [torch.stack([fin[k] for fin in finals]) for k in range(n_states)]
         if not is_batched:
             return x.squeeze(1), [s.squeeze(1) for s in out_states]
         if self.batch_first:
             x = x.transpose(0, 1)
         return x, out_states
-
-    @staticmethod
-    def _project(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
-        """Input projection of every step as one GEMM: (T, B, I) -> (T, B, G)."""
-        T, B, n_in = x.shape
-        x2 = x.reshape(T * B, n_in)
-        xg = torch.mm(x2, w_ih.t()) if bias is None else torch.addmm(bias, x2, w_ih.t())
-        return xg.view(T, B, w_ih.shape[0])
 
     @staticmethod
     def _loop(
@@ -943,12 +1161,15 @@ class RNN(_LayerBase):
         out, (h_n,) = self._run(input, None if hx is None else (hx,), 1)
         return out, h_n
 
+    def _infer_step(self, x, states, params):
+        return [_rnn_step_inference(x, *states, *params, relu=self.nonlinearity == "relu")]
+
     def _layer(self, x, states, params, grad):
         if not self.fused:
             return self._loop(rnn_step, x, states, params, nonlinearity=self.nonlinearity)
         w_ih, w_hh, b_ih, b_hh = params
         # Both biases are plain additive terms here: fold them into the projection.
-        xg = self._project(x, w_ih, None if b_ih is None else b_ih + b_hh)  # (T, B, H)
+        xg = _project(x, w_ih, None if b_ih is None else b_ih + b_hh)  # (T, B, H)
         relu = self.nonlinearity == "relu"
         ctx, (xg, h0, w_hh) = _float32_region(xg.device.type, xg, states[0], w_hh)
         with ctx:
@@ -1008,11 +1229,14 @@ class LSTM(_LayerBase):
         out, (h_n, c_n) = self._run(input, hx, 2)
         return out, (h_n, c_n)
 
+    def _infer_step(self, x, states, params):
+        return list(_lstm_step_inference(x, *states, *params))
+
     def _layer(self, x, states, params, grad):
         if not self.fused:
             return self._loop(lstm_step, x, states, params)
         w_ih, w_hh, b_ih, b_hh = params
-        xg = self._project(x, w_ih, None if b_ih is None else b_ih + b_hh)  # (T, B, 4H)
+        xg = _project(x, w_ih, None if b_ih is None else b_ih + b_hh)  # (T, B, 4H)
         ctx, (xg, h0, c0, w_hh) = _float32_region(xg.device.type, xg, *states, w_hh)
         with ctx:
             if grad:
@@ -1067,11 +1291,14 @@ class GRU(_LayerBase):
         out, (h_n,) = self._run(input, None if hx is None else (hx,), 1)
         return out, h_n
 
+    def _infer_step(self, x, states, params):
+        return [_gru_step_inference(x, *states, *params)]
+
     def _layer(self, x, states, params, grad):
         if not self.fused:
             return self._loop(gru_step, x, states, params)
         w_ih, w_hh, b_ih, b_hh = params
-        xg = self._project(x, w_ih, b_ih)  # (T, B, 3H); b_hh goes to the recurrence
+        xg = _project(x, w_ih, b_ih)  # (T, B, 3H); b_hh goes to the recurrence
         ctx, (xg, h0, w_hh, b_hh) = _float32_region(xg.device.type, xg, states[0], w_hh, b_hh)
         with ctx:
             if grad:

@@ -61,7 +61,10 @@ def friendly_errors(fn):
         except typer.Exit:
             raise
         except TrainingInterrupted as e:
-            typer.echo(str(e), err=True)
+            from .distributed import is_main
+
+            if is_main():  # every rank stopped at the same step: one message is enough
+                typer.echo(str(e), err=True)
             raise typer.Exit(130) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
@@ -126,8 +129,11 @@ def train(
     cfg = load_config(config) if config is not None else None
     result = run_training(cfg, runs_dir=runs_dir, name=name, resume=resume,
                           overrides=overrides, quiet=quiet)
-    typer.echo(f"done: {result.step} steps in {result.elapsed_s:.0f}s | best val bpc "
-               f"{result.best_val_bpc:.4f} | run {result.run_dir}", err=True)
+    from .distributed import is_main
+
+    if is_main():  # under torchrun, one summary line (from rank 0), not one per process
+        typer.echo(f"done: {result.step} steps in {result.elapsed_s:.0f}s | best val bpc "
+                   f"{result.best_val_bpc:.4f} | run {result.run_dir}", err=True)
 
 
 # ---------------------------------------------------------------------------- sample
@@ -194,13 +200,15 @@ def eval_(
 ) -> None:
     """Loss (nats/char), bits per character and perplexity of a run on its validation split."""
     from .checkpoint import load_run, resolve_checkpoint
-    from .data import decode_corpus, load_dataset
+    from .data import decode_corpus, encode_text, load_dataset
     from .device import resolve_device
     from .evaluate import evaluate_tokens
 
     dev = resolve_device(device or "auto")
     loaded = load_run(resolve_checkpoint(run, runs_dir), dev)
     if data is not None:
+        if data.is_dir():
+            raise ValueError(f"--data '{data}' is a directory; give one text file to score")
         if not data.is_file():
             raise FileNotFoundError(f"--data file '{data}' not found")
         text = decode_corpus(data.read_bytes(), str(data))
@@ -211,7 +219,8 @@ def eval_(
         if len(text) < 2:
             raise ValueError(f"--data '{data}' is empty or has a single character: nothing to "
                              "score")
-        tokens, what = loaded.vocab.encode(text), str(data)
+        # the smallest dtype (uint8 for most vocabularies), not int64: scored window by window
+        tokens, what = encode_text(text, loaded.vocab), str(data)
     else:
         ds = load_dataset(loaded.cfg.data)
         if ds.vocab.chars != loaded.vocab.chars:
@@ -272,6 +281,49 @@ def compare(
     typer.echo(format_table(rows))
     written = write_outputs(rows, out_dir)
     typer.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
+
+
+# ---------------------------------------------------------------------------- bench
+
+
+@app.command()
+@friendly_errors
+def bench(
+    device: DeviceOpt = None,
+    cells: Annotated[str, typer.Option(
+        "--cells", help="Comma-separated contenders: rnn, lstm, gru, transformer.")
+    ] = "rnn,lstm,gru,transformer",
+    repeats: Annotated[int | None, typer.Option(
+        "--repeats", help="Timed repeats per contender (interleaved round-robin).",
+        show_default="5; 2 with --quick")] = None,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", help="Training steps per timed repeat.",
+        show_default="10; 2 with --quick")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", help="Training batch size.",
+        show_default="32 on CPU, 64 on CUDA")] = None,
+    seq_len: Annotated[int | None, typer.Option(
+        "--seq-len", help="Training window (and the training Transformer's context).",
+        show_default="128 on CPU, 256 on CUDA")] = None,
+    hidden: Annotated[list[int] | None, typer.Option(
+        "--hidden", help="Recurrent width; repeat for several (--hidden 512 --hidden 1024).",
+        show_default="256 on CPU; 512 and 1024 on CUDA")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="Tiny shapes and 2 repeats: a smoke test, not a measurement.")] = False,
+) -> None:
+    """Time charlm.cells against torch.nn (training tokens/s, sampling chars/s) and the
+    Transformer's KV cache against recomputing; progress on stderr, the table on stdout."""
+    from .bench import format_table, make_shape, parse_cells, run_bench
+    from .device import resolve_device
+
+    dev = resolve_device(device or "auto")
+    shape = make_shape(dev, quick, batch_size, seq_len, hidden)
+    default_repeats, default_steps = (2, 2) if quick else (5, 10)
+    result = run_bench(dev, parse_cells(cells), shape,
+                       repeats=default_repeats if repeats is None else repeats,
+                       steps=default_steps if steps is None else steps)
+    typer.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
 def main() -> None:

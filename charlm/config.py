@@ -193,8 +193,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ValueError(f"--set expects key=value with a key before '=', got '{text}'")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError, RecursionError):
+        value = raw  # PyYAML fails on some bad tags (`!!timestamp x`) with plain errors
     # YAML reads 1e-3 as a string (it wants 1.0e-3); accept what Python accepts as a number.
     if isinstance(value, str):
         try:
@@ -331,6 +331,10 @@ def load_yaml(path: Path) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ValueError(f"{path}: invalid YAML{where}: {problem}") from None
+    except (ValueError, TypeError, AttributeError, RecursionError) as e:
+        # PyYAML fails on some bad tagged values (`!!timestamp x`, `!!int x`) with plain errors
+        raise ValueError(f"{path}: invalid YAML: a tagged value cannot be read "
+                         f"({type(e).__name__})") from None
 
 
 def load_config(name_or_path: str | None, overrides: list[str] | None = None) -> Config:

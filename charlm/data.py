@@ -391,10 +391,16 @@ def _encode_into_cache(raw: bytes, source: str) -> tuple[Vocab, torch.Tensor]:
               file=sys.stderr)
         tmp, out = None, torch.empty(length, dtype=dtype)
     pos = 0
-    for text in pieces():
-        ids = _encode_piece(text, lut, dtype)
-        out[pos : pos + len(ids)] = ids
-        pos += len(ids)
+    try:
+        for text in pieces():
+            ids = _encode_piece(text, lut, dtype)
+            out[pos : pos + len(ids)] = ids
+            pos += len(ids)
+    except BaseException:  # Ctrl-C mid-encoding: leave no corpus-sized temp file behind
+        del out
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise
     if tmp is None:
         return vocab, out
     del out  # unmap (flushes to the file) before the rename

@@ -3,7 +3,8 @@
 `evaluate_tokens` streams through a whole split: the text is cut into `batch_size` contiguous
 streams scored window by window, carrying the state for models that carry one, so every
 character is scored exactly once. Only one window of ids is gathered at a time, so scoring a
-memory-mapped split of any size needs memory for a batch, not for the split. `estimate_loss` is the quick version used during training.
+memory-mapped split of any size needs memory for a batch, not for the split. `estimate_loss`
+is the quick version used during training.
 """
 
 from __future__ import annotations

@@ -5,6 +5,11 @@ before clipping) -> non-finite check -> optimizer step -> carry the detached hid
 log. Every `eval_interval` steps: validation loss, a short sample, `last.pt` and (if better)
 `best.pt`. Everything needed for an exact resume is in the checkpoint: model, optimizer,
 step, best validation loss, RNG states, the data position and the carried hidden state.
+
+Under torchrun the same loop runs in every process (charlm.distributed): the model is wrapped
+in DistributedDataParallel, each rank reads its own part of the text, a tiny all-reduce per
+step keeps the ranks' decisions identical, and rank 0 alone writes the run directory; the
+per-rank RNG, data position and hidden state are gathered into its checkpoints.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
+from . import distributed
 from .config import Config, apply_overrides, config_to_yaml, from_dict, validate
 from .data import RandomBatcher, StreamBatcher, check_lengths, eval_batches, load_dataset
 from .device import autocast, resolve_device
@@ -118,6 +124,13 @@ def _rng_state(device: torch.device) -> dict:
     return state
 
 
+def _rank_part(ckpt: dict, ctx: distributed.Context) -> dict:
+    """This rank's RNG state, data position and hidden state from a checkpoint: plain values
+    when it was written by one process, lists indexed by rank when by several."""
+    keys = ("rng", "data_state", "hidden_state")
+    return {k: ckpt[k][ctx.rank] if ctx.active else ckpt[k] for k in keys}
+
+
 def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
@@ -148,6 +161,8 @@ def _graceful_stop():
 
 
 def _write_metrics(path: Path, row: dict) -> None:
+    if not distributed.is_main():  # one metrics file, written by rank 0
+        return
     with open(path, "a", newline="", encoding="utf-8") as f:
         csv.DictWriter(f, METRIC_FIELDS).writerow(row)
 
@@ -175,11 +190,21 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
     With `resume`, `cfg` may be None: the run's own config is used, with `overrides` applied
     (e.g. `train.max_steps=5000` to train longer)."""
     runs_dir = Path(runs_dir)
+    # Under torchrun: join the process group; rank 0 alone writes files and prints progress.
+    ctx = distributed.setup()
+    quiet = quiet or not ctx.is_main
     run_dir, cfg, resumed = _prepare_run(cfg, runs_dir, name, resume, overrides)
     t = cfg.train
-    device = resolve_device(t.device)
-    ds = load_dataset(cfg.data)
-    check_lengths(ds, t.batch_size, t.seq_len)
+    device = distributed.rank_device(resolve_device(t.device), ctx)  # cuda:LOCAL_RANK
+    if device.type == "cuda":  # TF32 tensor cores for the float32 matmuls autocast leaves
+        torch.set_float32_matmul_precision("high")
+    # Rank 0 fills the token cache, then the others map it. Its barrier also means every rank
+    # is past _prepare_run's checks before rank 0 creates the run directory below.
+    with distributed.main_first():
+        ds = load_dataset(cfg.data)
+    check_lengths(ds, t.batch_size, t.seq_len, ctx.world_size)
+    if resumed is not None:
+        distributed.check_resume_world_size(resumed.get("world_size", 1), ctx, run_dir)
     if resumed is not None and resumed["vocab"] != ds.vocab.chars:
         raise ValueError(f"cannot resume '{run_dir}': the corpus '{cfg.data.source}' changed "
                          "since the run started (different vocabulary)")
@@ -188,49 +213,72 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     model = build_model(cfg, len(ds.vocab)).to(device)
+    if ctx.rank:  # the same initial weights on every rank, but each its own dropout masks
+        torch.manual_seed(t.seed + ctx.rank)
     optimizer = make_optimizer(model, t, device)
     stateful = model.carries_state and t.stateful
-    batcher = (StreamBatcher(ds.train, t.batch_size, t.seq_len) if stateful
-               else RandomBatcher(ds.train, t.batch_size, t.seq_len, t.seed))
-    fwd = torch.compile(model) if t.compile else model
+    # Each rank reads its own part of the text: its own streams, or its own random windows.
+    batcher = (StreamBatcher(ds.train, t.batch_size, t.seq_len, ctx.rank, ctx.world_size)
+               if stateful else RandomBatcher(ds.train, t.batch_size, t.seq_len, t.seed,
+                                              ctx.rank, ctx.world_size))
+    wrapped = distributed.wrap(model, device, ctx)  # DDP: gradients all-reduced in backward
+    fwd = torch.compile(wrapped) if t.compile else wrapped
     state, step, best_val, elapsed = None, 0, math.inf, 0.0
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
-        batcher.load_state_dict(resumed["data_state"])
-        _set_rng_state(resumed["rng"], device)
-        state = map_state(lambda x: x.to(device), resumed["hidden_state"])
+        mine = _rank_part(resumed, ctx)  # this rank's data position, RNG and hidden state
+        batcher.load_state_dict(mine["data_state"])
+        _set_rng_state(mine["rng"], device)
+        state = map_state(lambda x: x.to(device), mine["hidden_state"])
         step, best_val = resumed["step"], resumed["best_val_loss"]
         elapsed = resumed["elapsed_s"]
-        _truncate_metrics(run_dir / "metrics.csv", step)
-    else:  # the directory appears only now that data, model and device are known to work
+        if ctx.is_main:
+            _truncate_metrics(run_dir / "metrics.csv", step)
+    elif ctx.is_main:  # the directory appears only now that data, model and device work
         run_dir.mkdir(parents=True, exist_ok=resume)  # resume: a run with no checkpoint yet
         ckpt_io.atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
         with open(run_dir / "metrics.csv", "w", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, METRIC_FIELDS).writeheader()
-    ckpt_io.set_latest(runs_dir, run_dir)
+    if ctx.is_main:
+        ckpt_io.set_latest(runs_dir, run_dir)
     params = count_parameters(model)
     val_batches = list(eval_batches(ds.val, t.batch_size, t.seq_len, t.eval_steps))
 
     def save(path_name: str) -> None:
+        # Every rank's RNG, data position and hidden state, for an exact resume of each rank:
+        # a collective, so all ranks call save() at the same steps; rank 0 writes the file.
+        ranks = distributed.all_gather_object({
+            "rng": _rng_state(device), "data_state": batcher.state_dict(),
+            "hidden_state": map_state(lambda x: x.cpu(), state)})
+        if not ctx.is_main:
+            return
+        per_rank = {k: [r[k] for r in ranks] for k in ranks[0]} if ctx.active else ranks[0]
         ckpt_io.save_checkpoint(run_dir / path_name, {
             "config": cfg.to_dict(), "vocab": ds.vocab.chars, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "step": step, "best_val_loss": best_val,
-            "elapsed_s": elapsed, "rng": _rng_state(device), "data_state": batcher.state_dict(),
-            "hidden_state": map_state(lambda x: x.cpu(), state), "world_size": 1,
+            "elapsed_s": elapsed, **per_rank, "world_size": ctx.world_size,
             "params": params,
         })
 
     def evaluate_and_save() -> float:
         nonlocal best_val
-        val = estimate_loss(model, val_batches, device)
-        if t.sample_length:
+        # Rank 0 scores the plain module (not the DDP wrapper: no collectives) and samples
+        # while the others wait in the broadcast, so all take the same best.pt decision.
+        val = estimate_loss(model, val_batches, device) if ctx.is_main else math.nan
+        if t.sample_length and ctx.is_main:
             text = "".join(generate(model, ds.vocab, "", t.sample_length, temperature=0.8,
                                     seed=t.seed + step, device=device))
             with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
                 f.write(f"=== step {step} | val bpc {bits_per_char(val):.3f} ===\n{text}\n\n")
             if interactive:
                 tqdm.write(f"step {step} sample: {text[:100]!r}", file=sys.stderr)
+        val = distributed.broadcast_object(val)
+        # The row is written before the checkpoints: a kill between the two then loses nothing
+        # (a resume from the previous checkpoint drops this row and logs it again).
+        _write_metrics(run_dir / "metrics.csv", {
+            "step": step, "elapsed_s": f"{elapsed:.2f}", "val_loss": _fmt(val),
+            "val_bpc": _fmt(bits_per_char(val)), "lr": f"{lr:.6g}"})
         if val < best_val:
             best_val = val
             save("best.pt")
@@ -241,7 +289,7 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
     interactive = not quiet and sys.stderr.isatty()
     bar = tqdm(total=t.max_steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not interactive)
-    tokens_per_step = t.batch_size * t.seq_len
+    tokens_per_step = t.batch_size * t.seq_len * ctx.world_size  # all ranks together
     loss_sum, loss_count, window_start, window_steps = 0.0, 0, time.perf_counter(), 0
     tokens_per_s, last_val = 0.0, None
     skipped = 0  # consecutive non-finite steps
@@ -272,6 +320,8 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
                 loss_value = loss.item()
+                if ctx.active:  # the global mean: logged, and non-finite on every rank or none
+                    loss_value = distributed.all_mean([loss_value])[0]
                 if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
                     skipped += 1
                     if t.skip_nonfinite and skipped < MAX_SKIPPED_STEPS:
@@ -298,6 +348,10 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
                 state = detach_state(new_state) if stateful else None
                 step += 1
                 elapsed += time.perf_counter() - t0
+                stopping = stop["stop"]
+                if ctx.active:  # all ranks stop together and on the same time budget
+                    elapsed, votes = distributed.all_mean([elapsed, float(stopping)])
+                    stopping = votes > 0
                 loss_sum, loss_count, window_steps = loss_sum + loss_value, loss_count + 1, \
                     window_steps + 1
                 # log
@@ -316,32 +370,33 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
                 bar.update(1)
                 # evaluate, sample, checkpoint
                 done = step >= t.max_steps or (t.max_time is not None and elapsed >= t.max_time)
-                if step % t.eval_interval == 0 or done or stop["stop"]:
+                if step % t.eval_interval == 0 or done or stopping:
                     eval_start = time.perf_counter()
-                    last_val = evaluate_and_save()
-                    _write_metrics(run_dir / "metrics.csv", {
-                        "step": step, "elapsed_s": f"{elapsed:.2f}", "val_loss": _fmt(last_val),
-                        "val_bpc": _fmt(bits_per_char(last_val)), "lr": f"{lr:.6g}"})
+                    last_val = evaluate_and_save()  # also logs the validation row
                     if not interactive and not quiet:
                         print(f"step {step}/{t.max_steps} | val loss {last_val:.4f} | val bpc "
                               f"{bits_per_char(last_val):.4f} | {tokens_per_s:.0f} tok/s | "
                               f"{elapsed:.0f}s", file=sys.stderr, flush=True)
                     window_start += time.perf_counter() - eval_start  # keep tok/s training-only
-                if stop["stop"]:
+                if stopping:
                     raise TrainingInterrupted(
                         f"interrupted at step {step}; saved {run_dir / 'last.pt'}. Resume with: "
-                        f"charlm train --name {run_dir.name} --runs-dir {runs_dir} --resume")
+                        f"{distributed.launch_command(ctx)} --name {run_dir.name} "
+                        f"--runs-dir {runs_dir} --resume")
     except KeyboardInterrupt:
         # A second Ctrl-C can land mid-step (batch drawn, weights half-updated): saving then
         # would make a resume silently inexact, so the last checkpoint is kept as it is.
         raise TrainingInterrupted(
             f"stopped at once (second Ctrl-C) during step {step + 1}; nothing more was saved. "
             f"Resume from the last checkpoint with: "
-            f"charlm train --name {run_dir.name} --runs-dir {runs_dir} --resume") from None
+            f"{distributed.launch_command(ctx)} --name {run_dir.name} --runs-dir {runs_dir} "
+            "--resume") from None
     finally:
         bar.close()
-    if not (run_dir / "last.pt").exists():  # a resumed run that had nothing left to do
+    # a resumed run that had nothing left to do (rank 0 decides: it alone sees the files)
+    if distributed.broadcast_object(not (run_dir / "last.pt").exists()):
         save("last.pt")
+    distributed.cleanup()
     return TrainResult(run_dir, step, best_val, elapsed, tokens_per_s, params)
 
 
@@ -358,6 +413,7 @@ def _prepare_run(cfg: Config | None, runs_dir: Path, name: str | None, resume: b
                 if not (runs_dir / name).exists():
                     break
                 name = f"{base}-{i}"
+            name = distributed.broadcast_object(name)  # rank 0's choice, for every rank
         return ckpt_io.new_run_dir(runs_dir, name), cfg, None
     if name is None:
         run_dir = ckpt_io.find_latest(runs_dir)

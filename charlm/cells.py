@@ -387,54 +387,69 @@ def _lstm_scan(
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
     """LSTM recurrence over precomputed input projections.
 
+    With ``keep`` the loop also stores, per step, what the backward pass needs, already
+    multiplied out while the step's activations are hot in cache (s' = s (1 - s) is the
+    sigmoid derivative; 1 - tanh(x)^2 = 4 s(2x) (1 - s(2x))):
+
+    - ``fac`` (T, B, 4H): dpre/dc for i, f, g = [g s'(i), c_{t-1} s'(f), i (1 - g^2)] and
+      dpre/dh for o = tanh(c) s'(o), so that backward gets the gate gradients by scaling;
+    - ``k`` (T, B, H) = o s'(2c) (dh/dc = 4 k) and ``fgate`` (T, B, H) = f.
+
     Args:
         xg: (T, B, 4H) = W_ih x_t + b_ih + b_hh for every step (gate order i, f, g, o).
         h0, c0: (B, H) initial states; w_hh: (4H, H).
-        keep: keep per-step activations for backward.
+        keep: store the backward factors.
 
     Returns:
-        (hs, c_last, saved): hs (T, B, H) all hidden states, c_last (B, H) the last cell
-        state, and when ``keep`` the activations (gates (T, B, 4H), cs (T, B, H),
-        tanh(cs) (T, B, H)).
+        (hs (T, B, H) all hidden states, c_last (B, H), (fac, k, fgate) or None).
     """
     T, B, G = xg.shape
     H = G // 4
-    n = T if keep else 1
-    gates = xg.new_empty((n, B, G))  # activated gates
-    cs = xg.new_empty((T if keep else 2, B, H))  # cell states (ping-pong without keep)
-    tcs = xg.new_empty((n, B, H))  # tanh(c)
     hs = xg.new_empty((T, B, H))
-    # Per-step views, made once so that the loop does little Python slicing.
-    g_all = _steps(gates, T, keep)
-    g_i = _steps(gates[:, :, :H], T, keep)
-    g_f = _steps(gates[:, :, H : 2 * H], T, keep)
-    g_g = _steps(gates[:, :, 2 * H : 3 * H], T, keep)
-    g_o = _steps(gates[:, :, 3 * H :], T, keep)
-    c_l = _steps(cs, T, keep, period=2)
-    tc_l = _steps(tcs, T, keep)
+    c_buf = xg.new_empty((2, B, H))  # ping-pong cell state
+    u = xg.new_empty((B, H))  # s(2c), then tanh(c)
+    if keep:
+        fac = xg.new_empty((T, B, G))
+        k = xg.new_empty((T, B, H))
+        fgate = xg.new_empty((T, B, H))
+        fac_l = fac.unbind(0)
+        fac4_l = fac.view(T, B, 4, H).unbind(2)  # per gate: (T, B, H) strided
+        fi_l, ff_l, fg_l, fo_l = (v.unbind(0) for v in fac4_l)
+        k_l, fgate_l = k.unbind(0), fgate.unbind(0)
     _, lin_add = _gemm_fns(xg, B)
     w_hh = _dense(w_hh)
     minus_one = xg.new_full((), -1.0)
-    mul, add, sigmoid = torch.mul, torch.add, torch.sigmoid
-    g_lo, g_hi = 2 * H, 3 * H
+    mul, add, addcmul = torch.mul, torch.add, torch.addcmul
+    c_l = c_buf.unbind(0)
     h, c = h0.contiguous(), c0
     for t, (x_t, h_t) in enumerate(zip(xg.unbind(0), hs.unbind(0), strict=True)):
-        pre = lin_add(h, w_hh, x_t)  # (B, 4H) = x_t + h W_hh^T
+        pre = lin_add(h, w_hh, x_t)  # (B, 4H) = x_t + h W_hh^T, a fresh tensor
+        i, f, g, o = pre.view(B, 4, H).unbind(1)  # (B, H) views
         # One sigmoid for all four gates, with g's input doubled: tanh(x) = 2 s(2x) - 1.
-        pre_g = pre[:, g_lo:g_hi]
-        add(pre_g, pre_g, out=pre_g)
-        sigmoid(pre, out=g_all[t])
-        add(minus_one, g_g[t], alpha=2, out=g_g[t])
-        c_t = c_l[t]
-        mul(g_f[t], c, out=c_t)  # c' = f * c ...
-        c_t.addcmul_(g_i[t], g_g[t])  # ... + i * g
-        tc = tc_l[t]
-        add(c_t, c_t, out=tc)
-        tc.sigmoid_()
-        add(minus_one, tc, alpha=2, out=tc)  # tanh(c')
-        mul(g_o[t], tc, out=h_t)  # h' = o * tanh(c')
+        add(g, g, out=g)
+        pre.sigmoid_()
+        if keep:
+            addcmul(pre, pre, pre, value=-1, out=fac_l[t])  # s (1 - s) for every gate
+        add(minus_one, g, alpha=2, out=g)  # g = tanh
+        c_t = c_l[t & 1]
+        mul(f, c, out=c_t)  # c' = f * c ...
+        c_t.addcmul_(i, g)  # ... + i * g
+        add(c_t, c_t, out=u)
+        u.sigmoid_()  # s(2c')
+        if keep:
+            fgate_l[t].copy_(f)
+            ff_l[t].mul_(c)  # c_{t-1} s'(f)
+            fi_l[t].mul_(g)  # g s'(i)
+            fg_l[t].mul_(i).mul_(4)  # i 4 s'(2x) = i (1 - g^2)
+            addcmul(u, u, u, value=-1, out=k_l[t])
+            k_l[t].mul_(o)  # o s'(2c')
+        add(minus_one, u, alpha=2, out=u)  # tanh(c')
+        mul(o, u, out=h_t)  # h' = o * tanh(c')
+        if keep:
+            fo_l[t].mul_(u)  # tanh(c') s'(o)
         h, c = h_t, c_t
-    return hs, c, ((gates, cs, tcs) if keep else None)
+    c_last = c.clone()  # c lives in the scratch ping-pong buffer
+    return hs, c_last, ((fac, k, fgate) if keep else None)
 
 
 def _gru_scan(
@@ -545,62 +560,50 @@ class _RNNRecurrence(torch.autograd.Function):
 
 
 class _LSTMRecurrence(torch.autograd.Function):
-    """Fused LSTM recurrence: (xg, h0, c0, W_hh) -> (hs (T, B, H), c_last (B, H))."""
+    """Fused LSTM recurrence: (xg, h0, c0, W_hh) -> (hs (T, B, H), c_last (B, H)).
+
+    Backward turns the saved factors into the gate gradients in place and hands that
+    buffer on as the gradient of ``xg`` (no fresh 4H-wide buffer per call: on this kind
+    of machine first-touching new memory costs as much as the arithmetic). Hence one
+    backward pass per forward: a second one (``retain_graph=True``) raises.
+    """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor]:
         hs, c_last, saved = _lstm_scan(xg, h0, c0, w_hh, keep=True)
-        ctx.save_for_backward(h0, c0, w_hh, hs)
+        ctx.save_for_backward(h0, w_hh, hs)
         ctx.acts = saved
-        # c_last is a view of a saved buffer; hand out a copy so that in-place use of the
-        # returned state can never corrupt what backward reads.
-        return hs, c_last.clone()
+        return hs, c_last
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     @once_differentiable
     def backward(ctx, dhs: Tensor, dc_last: Tensor):
-        h0, c0, w_hh, hs = ctx.saved_tensors
-        gates, cs, tcs = ctx.acts
-        del ctx.acts
-        T, B, G = gates.shape
+        h0, w_hh, hs = ctx.saved_tensors
+        if ctx.acts is None:
+            raise RuntimeError(
+                "charlm.cells.LSTM (fused) supports one backward pass per forward; "
+                "use fused=False to backward through it twice"
+            )
+        dG, k, fgate = ctx.acts  # dG holds the factors and becomes dL/dpre in place
+        ctx.acts = None
+        T, B, G = dG.shape
         H = G // 4
-        i, f = gates[:, :, :H], gates[:, :, H : 2 * H]
-        g, o = gates[:, :, 2 * H : 3 * H], gates[:, :, 3 * H :]
-        # Step t needs dL/dpre = dc * [g s'(i), c_{t-1} s'(f), i tanh'(g)] for i, f, g and
-        # dh * tanh(c) s'(o) for o, plus dc += dh * o tanh'(c), with s' = s (1 - s) and
-        # tanh' = 1 - tanh^2 read off the saved activations. These factors do not depend on
-        # the incoming gradient, so they are computed for all steps at once here, leaving
-        # the loop four small in-place ops and one GEMM per step.
-        dG = torch.mul(gates, gates)  # (T, B, 4H): the factors, then dL/dpre in place
-        dG.neg_().add_(gates)  # a (1 - a): the sigmoid derivative (replaced below for g)
-        d_i, d_f = dG[:, :, :H], dG[:, :, H : 2 * H]
-        d_g, d_o = dG[:, :, 2 * H : 3 * H], dG[:, :, 3 * H :]
-        d_i.mul_(g)  # g i (1 - i)
-        d_f[0].mul_(c0)
-        if T > 1:
-            d_f[1:].mul_(cs[:-1])  # c_{t-1} f (1 - f)
-        torch.mul(g, g, out=d_g)
-        d_g.neg_().add_(1).mul_(i)  # i (1 - g^2)
-        d_o.mul_(tcs)  # tanh(c) o (1 - o)
-        k = torch.mul(tcs, tcs).neg_().add_(1).mul_(o)  # (T, B, H): o (1 - tanh(c)^2)
-
         dG_l = dG.unbind(0)
         d_ifg = dG[:, :, : 3 * H].view(T, B, 3, H).unbind(0)  # (B, 3, H) per step
-        d_o_l = d_o.unbind(0)
-        k_l = k.unbind(0)
-        f_l = f.unbind(0)
+        d_o_l = dG[:, :, 3 * H :].unbind(0)
+        k_l, f_l = k.unbind(0), fgate.unbind(0)
         dhs_l = dhs.contiguous().unbind(0)
-        _, lin_add = _gemm_fns(gates, B)
+        _, lin_add = _gemm_fns(dG, B)
         w_t = _dense(w_hh).t()  # lin_add(x, w_t, o) = o + x @ W_hh
         dh = dhs_l[T - 1]  # (B, H) total dL/dh_t
         dc = _first_grad(dc_last)  # (B, H) total dL/dc_t, updated in place
         dc3 = dc.unsqueeze(1)  # (B, 1, H) view of dc, broadcast over i, f, g
         for t in range(T - 1, -1, -1):
-            d_o_l[t].mul_(dh)
-            dc.addcmul_(dh, k_l[t])  # dL/dc_t
-            d_ifg[t].mul_(dc3)
+            d_o_l[t].mul_(dh)  # dL/do_pre = dh tanh(c) s'(o)
+            dc.addcmul_(dh, k_l[t], value=4)  # dL/dc_t += dh o (1 - tanh(c)^2)
+            d_ifg[t].mul_(dc3)  # dL/d(i, f, g)_pre
             dc.mul_(f_l[t])  # dL/dc_{t-1} through the forget gate
             if t:
                 dh = lin_add(dG_l[t], w_t, dhs_l[t - 1])  # dL/dh_{t-1}

@@ -209,6 +209,10 @@ def compare(configs: list[str], overrides: list[str] | None = None, params: str 
             tqdm.write(msg, file=sys.stderr)
 
     contenders = prepare(configs, overrides, params, runs_dir, out_dir, device, log)
+    try:  # fail now, not after the whole budget has been trained
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--out '{out_dir}' cannot be created: {e.strerror or e}") from None
     warm_up(contenders)
     rows: list[Row] = []
     bar = tqdm(total=len(contenders), unit="run", file=sys.stderr, dynamic_ncols=True,

@@ -135,10 +135,10 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="previous checkpoint there, if any, is intact"):
-        ck.save_checkpoint(path, {"step": 2})
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", disk_full)
+        with pytest.raises(OSError, match="previous checkpoint there, if any, is intact"):
+            ck.save_checkpoint(path, {"step": 2})
     assert ck.load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
 

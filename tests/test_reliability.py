@@ -543,8 +543,11 @@ def bad_inputs(tmp: Path, corpus: Path, runs: Path) -> list[tuple[list[str], str
     ]
     if not torch.cuda.is_available():
         cases.append((["sample", *t, "--device", "cuda"], "CUDA is not available"))
+    blocker = tmp / "a-file"
+    blocker.write_text("not a directory")
     if invoke("compare", "--help").exit_code == 0:  # the command of a later issue
         cases += [
+            (["compare", "hello", "--out", str(blocker / "out"), *t], "cannot be created"),
             (["compare", *t], "give at least one config"),
             (["compare", "lstn", *t], "did you mean 'lstm'"),
             (["compare", "lstm", "--params", "abc", *t], "--params 'abc'"),

@@ -494,6 +494,9 @@ def _result(contenders: list[Contender], failures: list[dict], device: torch.dev
         "torch_version": torch.__version__,
         "device": {"type": device.type, "name": _device_name(device),
                    "threads": torch.get_num_threads(),
+                   # torch.nn's RNN kernels: oneDNN on CPU, cuDNN on CUDA (when enabled)
+                   "onednn": torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled,
+                   "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
                    "autocast": "bf16" if device.type == "cuda" else None},
         "shape": dataclasses.asdict(shape),
         "repeats": repeats,

@@ -3,22 +3,26 @@
 This module owns ``RNNCell``, ``LSTMCell``, ``GRUCell`` (one time step) and the multi-layer
 ``RNN``, ``LSTM``, ``GRU`` (whole sequences). They take the same constructor arguments, own
 parameters with the same names, shapes and initialisation, and follow the same forward
-contract as their torch.nn namesakes, so a state dict moves freely between the two worlds;
-none of torch's recurrent modules or kernels is used. The code has two layers of its own.
-The *cells* and the ``*_step`` functions are the readable reference: one step written with
-plain autograd tensor ops, one fused matmul for all gates followed by ``chunk``. The
-*layers* are the fast path: the input projection of every time step is a single GEMM done by
-autograd, and only the recurrence runs in a hand-written ``torch.autograd.Function`` (one
-per cell type) whose forward walks the sequence into preallocated buffers and whose backward
-walks it back, computing the recurrent weight gradient as one large GEMM over all time steps
-instead of one small GEMM per step. A layer built with ``fused=False`` runs the plain
-autograd loop over the step functions instead; the tests hold both paths to torch.nn.
+contract as their torch.nn namesakes, so a state dict moves freely between the two; none of
+torch's recurrent modules or kernels is used. There are two levels. The *cells* and the
+``*_step`` functions are the readable reference: one step in plain autograd tensor ops, one
+matmul for all gates followed by ``chunk``. The *layers* are the fast path: the input
+projection of every time step is one GEMM, and only the recurrence runs in a hand-written
+``torch.autograd.Function`` per cell type whose forward walks the sequence into
+preallocated buffers (also storing the gate derivatives it will need) and whose backward
+walks it back, with one matmul per step, then computes the recurrent weight gradient as one
+large GEMM over all steps. On x86 CPUs the GEMMs go through oneDNN (the library torch.nn's
+own CPU LSTM uses) and big buffers are recycled across calls (first-touching fresh memory
+costs as much as the arithmetic); sampling (one step at a time, no grad) takes a lean
+single-step path. A layer built with ``fused=False`` runs the plain autograd loop over the
+step functions instead; the tests hold both paths to torch.nn.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -218,38 +222,118 @@ def _gru_step_inference(
 
 
 # --------------------------------------------------------------------------------------
-# Matrix products. On x86 CPUs torch's own recurrent layers run on oneDNN, whose fp32 GEMM
-# is 1.5-2.5x faster here than the MKL one behind torch.mm/addmm (MKL takes its slower
-# code path on AMD processors). To be as fast as torch.nn the fused path must use the same
-# GEMM, which torch exposes as the linear op ``mkldnn::_linear_pointwise`` (a plain
-# ``x @ w.T (+ b)``, optionally ``+ other``; no recurrent kernel involved). It is used for
-# float32 CPU tensors with enough rows to pay for its fixed cost; everything else (CUDA,
-# float64, tiny batches, builds without oneDNN) takes torch.addmm. ``USE_ONEDNN = False``
+# Workspace. A training step of the fused layers needs a few large buffers per layer
+# (saved activations, hidden states, gate gradients: tens of MiB). Fresh memory of that
+# size comes from the OS and costs a page fault per 4 KiB on first touch, about as much
+# as the arithmetic done in it, so buffers of 1 MiB and more are recycled across calls
+# on the CPU. Safety rests on handing out *views*: the pool keeps the base tensor, and a
+# base is reused only when nothing but the pool refers to it, i.e. every view handed out
+# (and anything derived from it: saved tensors, views, detached aliases, Python
+# references) is gone, which shows in the base's TensorImpl and storage use counts.
+# --------------------------------------------------------------------------------------
+
+
+def _use_counts(t: Tensor) -> tuple[int, int]:
+    return t._use_count(), torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+def _probe_use_counts() -> tuple[int, int] | None:
+    """The use counts of a tensor nothing else refers to, if the counts behave as relied on
+    (these are private torch APIs); None disables recycling."""
+    try:
+        base = torch.empty(4)
+        idle = _use_counts(base)
+        view = base.view(2, 2)
+        busy = _use_counts(base)
+        alias = view.detach()
+        del view
+        busy_alias = _use_counts(base)
+        del alias
+        if busy[0] <= idle[0] or busy[1] <= idle[1] or busy_alias[1] <= idle[1]:
+            return None
+        return idle if _use_counts(base) == idle else None
+    except Exception:  # API missing or changed: allocate fresh memory instead
+        return None
+
+
+class _Workspace:
+    """Recycles large CPU buffers across calls (see the section comment above)."""
+
+    min_bytes = 1 << 20
+
+    def __init__(self, max_bytes: int = 512 << 20) -> None:
+        self.max_bytes = max_bytes
+        self._bases: dict[tuple, list[Tensor]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._idle = _probe_use_counts()
+
+    def empty(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialised tensor of ``shape`` with ``like``'s dtype and device."""
+        nbytes = math.prod(shape) * like.element_size()
+        if self._idle is None or like.device.type != "cpu" or nbytes < self.min_bytes:
+            return like.new_empty(shape)
+        key = (shape, like.dtype)
+        with self._lock:
+            for base in self._bases.get(key, ()):
+                if _use_counts(base) == self._idle:
+                    return base.view(shape)
+            if self._bytes + nbytes > self.max_bytes:
+                self._evict_idle()
+            base = like.new_empty(shape)
+            if self._bytes + nbytes <= self.max_bytes:
+                self._bases.setdefault(key, []).append(base)
+                self._bytes += nbytes
+            return base.view(shape)
+
+    def _evict_idle(self) -> None:
+        for key, bases in list(self._bases.items()):
+            keep = [b for b in bases if _use_counts(b) != self._idle]
+            self._bytes -= sum(b.nbytes for b in bases) - sum(b.nbytes for b in keep)
+            if keep:
+                self._bases[key] = keep
+            else:
+                del self._bases[key]
+
+    def clear(self) -> None:
+        """Forget every idle buffer (their memory goes back to the allocator)."""
+        with self._lock:
+            self._evict_idle()
+
+
+_WORKSPACE = _Workspace()
+_empty = _WORKSPACE.empty
+
+
+# --------------------------------------------------------------------------------------
+# Matrix products. On x86 CPUs torch.nn's LSTM runs on oneDNN, whose fp32 GEMM measured
+# 1.5-2.3x faster on the development machine (an AMD EPYC) than the MKL one behind
+# torch.mm/addmm: ~230 against ~100 GFLOP/s per core for the big products. To keep up, the
+# fused path uses the same GEMM, which torch exposes as the linear op
+# ``mkldnn::_linear_pointwise`` (a plain ``x @ w.T + b``; no recurrent kernel involved),
+# for float32 CPU tensors with enough rows to pay for its fixed cost; everything else (CUDA,
+# float64, tiny batches, builds without the op) takes torch.addmm. ``USE_ONEDNN = False``
 # turns it off.
 # --------------------------------------------------------------------------------------
 
 USE_ONEDNN = True
 _ONEDNN_MIN_ROWS = 8  # below this many rows addmm's lower fixed cost wins (measured)
-_onednn_ops: tuple[Callable[..., Tensor], Callable[..., Tensor]] | None | bool = False
+_onednn_linear: Callable[..., Tensor] | None | bool = False  # False: not probed yet
 
 
-def _onednn() -> tuple[Callable[..., Tensor], Callable[..., Tensor]] | None:
-    """The oneDNN linear ops (plain, and with a fused ``+ other``) if they work, else None."""
-    global _onednn_ops
-    if _onednn_ops is False:
+def _onednn() -> Callable[..., Tensor] | None:
+    """oneDNN's linear op (``mkldnn::_linear_pointwise``) if this build has a working one."""
+    global _onednn_linear
+    if _onednn_linear is False:
         try:
-            op = torch.ops.mkldnn._linear_pointwise
-            lin, lin_add = op.default, op.binary
+            op = torch.ops.mkldnn._linear_pointwise.default
             x = torch.arange(6.0).view(2, 3)
             w = torch.arange(12.0).view(4, 3)
-            other = torch.ones(2, 4)
-            ok = torch.equal(lin(x, w, None, "none", [], ""), x @ w.t()) and torch.equal(
-                lin_add(x, other, w, None, "add"), other + x @ w.t()
-            )
-            _onednn_ops = (lin, lin_add) if ok else None
+            ok = torch.equal(op(x, w, None, "none", [], ""), x @ w.t())
+            _onednn_linear = op if ok else None
         except Exception:  # op missing in this build, or unusable: fall back to addmm
-            _onednn_ops = None
-    return _onednn_ops  # type: ignore[return-value]
+            _onednn_linear = None
+    return _onednn_linear  # type: ignore[return-value]
 
 
 def _use_onednn(t: Tensor, rows: int) -> bool:
@@ -271,10 +355,12 @@ def _gemm_fns(
     strides); ``x`` needs unit stride along one dimension.
     """
     if _use_onednn(t, rows):
-        op_lin, op_add = _onednn()  # type: ignore[misc]
+        op_lin = _onednn()
+        assert op_lin is not None
         return (
             lambda x, w, b: op_lin(x, w, b, "none", [], ""),
-            lambda x, w, other: op_add(x, other, w, None, "add"),
+            # oneDNN's fused "+ other" (binary post-op) measures slower than a separate add_.
+            lambda x, w, other: op_lin(x, w, None, "none", [], "").add_(other),
         )
     return (
         lambda x, w, b: torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t()),
@@ -331,11 +417,12 @@ def _project(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
 
 # --------------------------------------------------------------------------------------
 # Fused recurrences. Each ``_*_scan`` runs the forward time loop into preallocated buffers
-# (no stack of per-step outputs). It is called directly when no gradient is needed
-# (sampling, evaluation) and from the autograd Functions otherwise; ``keep=True`` makes it
-# keep every step's activations for the backward pass, ``keep=False`` reuses one step's
-# worth of scratch space. tanh is computed as 2 sigmoid(2x) - 1: torch's CPU tanh costs
-# about 7x a sigmoid, and the identity is exact up to float32 rounding (~1e-7).
+# (no stack of per-step outputs): one GEMM per step plus in-place / ``out=`` pointwise ops.
+# It is called directly when no gradient is needed (evaluation) and from the autograd
+# Functions otherwise; ``keep=True`` makes it also store what the backward pass needs,
+# ``keep=False`` reuses one step's worth of scratch space. tanh is computed as
+# 2 sigmoid(2x) - 1: torch's CPU tanh costs about 7x a sigmoid, and the identity is exact
+# up to float32 rounding (~1e-7).
 # --------------------------------------------------------------------------------------
 
 
@@ -366,7 +453,7 @@ def _rnn_scan(xg: Tensor, h0: Tensor, w_hh: Tensor, relu: bool) -> Tensor:
         the backward pass needs).
     """
     T, B, H = xg.shape
-    hs = xg.new_empty((T, B, H))
+    hs = _empty((T, B, H), xg)
     _, lin_add = _gemm_fns(xg, B)
     w_hh = _dense(w_hh)
     minus_one = xg.new_full((), -1.0)
@@ -387,13 +474,14 @@ def _lstm_scan(
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
     """LSTM recurrence over precomputed input projections.
 
-    With ``keep`` the loop also stores, per step, what the backward pass needs, already
-    multiplied out while the step's activations are hot in cache (s' = s (1 - s) is the
-    sigmoid derivative; 1 - tanh(x)^2 = 4 s(2x) (1 - s(2x))):
+    With ``keep`` the loop also stores, per step, what the backward pass needs, multiplied
+    out while the step's values are hot in cache (s' = s (1 - s) is the sigmoid derivative,
+    and 1 - tanh(x)^2 = 4 s'(2x)):
 
     - ``fac`` (T, B, 4H): dpre/dc for i, f, g = [g s'(i), c_{t-1} s'(f), i (1 - g^2)] and
       dpre/dh for o = tanh(c) s'(o), so that backward gets the gate gradients by scaling;
-    - ``k`` (T, B, H) = o s'(2c) (dh/dc = 4 k) and ``fgate`` (T, B, H) = f.
+    - ``k`` (T, B, H) = o s'(2c), so that dh/dc = 4 k;
+    - ``acts`` (T, B, 4H): the activated gates (backward reads f).
 
     Args:
         xg: (T, B, 4H) = W_ih x_t + b_ih + b_hh for every step (gate order i, f, g, o).
@@ -401,55 +489,58 @@ def _lstm_scan(
         keep: store the backward factors.
 
     Returns:
-        (hs (T, B, H) all hidden states, c_last (B, H), (fac, k, fgate) or None).
+        (hs (T, B, H) all hidden states, c_last (B, H), (fac, k, acts) or None).
     """
     T, B, G = xg.shape
     H = G // 4
-    hs = xg.new_empty((T, B, H))
-    c_buf = xg.new_empty((2, B, H))  # ping-pong cell state
-    u = xg.new_empty((B, H))  # s(2c), then tanh(c)
+    hs = _empty((T, B, H), xg)
+    # Per step, mult = [g, c_{t-1}, 4 i, tanh(c_t)]: the values that scale s' into ``fac``,
+    # each written here by the op that computes it, so that one multiply does all four.
+    # Two alternate, so c_t lands in the next step's slot directly.
+    mults = xg.new_empty((2, B, 4, H))
+    mults[0, :, 1] = c0
+    m_l = mults.unbind(0)
+    m_g, m_c, m_i, m_tc = (mults[:, :, k].unbind(0) for k in range(4))
+    u = xg.new_empty((B, H))  # s(2c)
     if keep:
-        fac = xg.new_empty((T, B, G))
-        k = xg.new_empty((T, B, H))
-        fgate = xg.new_empty((T, B, H))
-        fac_l = fac.unbind(0)
-        fac4_l = fac.view(T, B, 4, H).unbind(2)  # per gate: (T, B, H) strided
-        fi_l, ff_l, fg_l, fo_l = (v.unbind(0) for v in fac4_l)
-        k_l, fgate_l = k.unbind(0), fgate.unbind(0)
+        fac = _empty((T, B, G), xg)
+        k = _empty((T, B, H), xg)
+        acts = _empty((T, B, G), xg)
+        fac4_l = fac.view(T, B, 4, H).unbind(0)
+        fac_l, k_l, acts_l = fac.unbind(0), k.unbind(0), acts.unbind(0)
+        a_i, a_f, a_g, a_o = (acts.view(T, B, 4, H)[:, :, j].unbind(0) for j in range(4))
     _, lin_add = _gemm_fns(xg, B)
     w_hh = _dense(w_hh)
     minus_one = xg.new_full((), -1.0)
-    mul, add, addcmul = torch.mul, torch.add, torch.addcmul
-    c_l = c_buf.unbind(0)
-    h, c = h0.contiguous(), c0
+    mul, add, addcmul, sigmoid = torch.mul, torch.add, torch.addcmul, torch.sigmoid
+    h = h0.contiguous()
     for t, (x_t, h_t) in enumerate(zip(xg.unbind(0), hs.unbind(0), strict=True)):
+        now, nxt = t & 1, (t + 1) & 1
         pre = lin_add(h, w_hh, x_t)  # (B, 4H) = x_t + h W_hh^T, a fresh tensor
-        i, f, g, o = pre.view(B, 4, H).unbind(1)  # (B, H) views
+        g_pre = pre[:, 2 * H : 3 * H]
         # One sigmoid for all four gates, with g's input doubled: tanh(x) = 2 s(2x) - 1.
-        add(g, g, out=g)
-        pre.sigmoid_()
+        add(g_pre, g_pre, out=g_pre)
         if keep:
-            addcmul(pre, pre, pre, value=-1, out=fac_l[t])  # s (1 - s) for every gate
-        add(minus_one, g, alpha=2, out=g)  # g = tanh
-        c_t = c_l[t & 1]
-        mul(f, c, out=c_t)  # c' = f * c ...
+            sigmoid(pre, out=acts_l[t])
+            i, f, s_g, o = a_i[t], a_f[t], a_g[t], a_o[t]
+            addcmul(acts_l[t], acts_l[t], acts_l[t], value=-1, out=fac_l[t])  # s'(every)
+        else:
+            i, f, s_g, o = pre.sigmoid_().chunk(4, 1)
+        g = add(minus_one, s_g, alpha=2, out=m_g[now])  # g = tanh(g_pre)
+        c_t = mul(f, m_c[now], out=m_c[nxt])  # c' = f * c ...
         c_t.addcmul_(i, g)  # ... + i * g
         add(c_t, c_t, out=u)
         u.sigmoid_()  # s(2c')
         if keep:
-            fgate_l[t].copy_(f)
-            ff_l[t].mul_(c)  # c_{t-1} s'(f)
-            fi_l[t].mul_(g)  # g s'(i)
-            fg_l[t].mul_(i).mul_(4)  # i 4 s'(2x) = i (1 - g^2)
+            mul(i, 4, out=m_i[now])
             addcmul(u, u, u, value=-1, out=k_l[t])
             k_l[t].mul_(o)  # o s'(2c')
-        add(minus_one, u, alpha=2, out=u)  # tanh(c')
-        mul(o, u, out=h_t)  # h' = o * tanh(c')
+        tc = add(minus_one, u, alpha=2, out=m_tc[now])  # tanh(c')
+        h = mul(o, tc, out=h_t)  # h' = o * tanh(c')
         if keep:
-            fo_l[t].mul_(u)  # tanh(c') s'(o)
-        h, c = h_t, c_t
-    c_last = c.clone()  # c lives in the scratch ping-pong buffer
-    return hs, c_last, ((fac, k, fgate) if keep else None)
+            fac4_l[t].mul_(m_l[now])  # s' * [g, c_{t-1}, 4 i, tanh(c')]
+    c_last = m_c[T & 1].clone()
+    return hs, c_last, ((fac, k, acts) if keep else None)
 
 
 def _gru_scan(
@@ -470,10 +561,10 @@ def _gru_scan(
     T, B, G = xg.shape
     H = G // 3
     n_buf = T if keep else 1
-    rz = xg.new_empty((n_buf, B, 2 * H))
-    ns = xg.new_empty((n_buf, B, H))
-    hgn = xg.new_empty((T, B, H)) if keep else None
-    hs = xg.new_empty((T, B, H))
+    rz = _empty((n_buf, B, 2 * H), xg)
+    ns = _empty((n_buf, B, H), xg)
+    hgn = _empty((T, B, H), xg) if keep else None
+    hs = _empty((T, B, H), xg)
     x_rz = xg[:, :, : 2 * H].unbind(0)
     x_n = xg[:, :, 2 * H :].unbind(0)
     rz_l = _steps(rz, T, keep)
@@ -516,6 +607,12 @@ def _dw_hh(dG: Tensor, h0: Tensor, hs: Tensor) -> Tensor:
     return dw_t.t()
 
 
+def _strided_ok(g: Tensor) -> Tensor:
+    """An incoming gradient as is when its rows are dense (a batch_first transpose is fine
+    and saves a copy), else contiguous (e.g. the stride-0 expansion that ``sum()`` sends)."""
+    return g if g.stride(-1) == 1 and min(g.stride()) > 0 else g.contiguous()
+
+
 def _first_grad(g: Tensor) -> Tensor:
     """A writable, dense copy of an incoming gradient slice (it may be expanded zeros)."""
     return g.clone(memory_format=torch.contiguous_format)
@@ -540,12 +637,13 @@ class _RNNRecurrence(torch.autograd.Function):
         T, B, _ = hs.shape
         # Local derivative of the activation, for all steps at once: tanh' = 1 - h^2,
         # relu' = [h > 0] (h = relu(pre) > 0 exactly where pre > 0).
+        dG = _empty(tuple(hs.shape), hs)  # (T, B, H), becomes dL/dpre in place below
         if ctx.relu:
-            dG = (hs > 0).to(hs.dtype)  # (T, B, H), becomes dL/dpre in place below
+            torch.gt(hs, 0, out=dG)
         else:
-            dG = torch.mul(hs, hs).neg_().add_(1)
+            torch.mul(hs, hs, out=dG).neg_().add_(1)
         dG_l = dG.unbind(0)
-        dhs_l = dhs.contiguous().unbind(0)
+        dhs_l = _strided_ok(dhs).unbind(0)
         _, lin_add = _gemm_fns(hs, B)
         w_t = _dense(w_hh).t()  # lin_add(x, w_t, o) = o + x @ W_hh
         dh = dhs_l[T - 1]  # (B, H) total dL/dh_t
@@ -560,50 +658,43 @@ class _RNNRecurrence(torch.autograd.Function):
 
 
 class _LSTMRecurrence(torch.autograd.Function):
-    """Fused LSTM recurrence: (xg, h0, c0, W_hh) -> (hs (T, B, H), c_last (B, H)).
-
-    Backward turns the saved factors into the gate gradients in place and hands that
-    buffer on as the gradient of ``xg`` (no fresh 4H-wide buffer per call: on this kind
-    of machine first-touching new memory costs as much as the arithmetic). Hence one
-    backward pass per forward: a second one (``retain_graph=True``) raises.
-    """
+    """Fused LSTM recurrence: (xg, h0, c0, W_hh) -> (hs (T, B, H), c_last (B, H))."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor]:
         hs, c_last, saved = _lstm_scan(xg, h0, c0, w_hh, keep=True)
-        ctx.save_for_backward(h0, w_hh, hs)
-        ctx.acts = saved
+        # Intermediates go through save_for_backward too: autograd then frees them right
+        # after backward (unless the graph is retained), so the workspace can recycle them
+        # even while the caller still holds this step's outputs.
+        ctx.save_for_backward(h0, w_hh, hs, *saved)
         return hs, c_last
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     @once_differentiable
     def backward(ctx, dhs: Tensor, dc_last: Tensor):
-        h0, w_hh, hs = ctx.saved_tensors
-        if ctx.acts is None:
-            raise RuntimeError(
-                "charlm.cells.LSTM (fused) supports one backward pass per forward; "
-                "use fused=False to backward through it twice"
-            )
-        dG, k, fgate = ctx.acts  # dG holds the factors and becomes dL/dpre in place
-        ctx.acts = None
-        T, B, G = dG.shape
+        h0, w_hh, hs, fac, k, acts = ctx.saved_tensors
+        T, B, G = fac.shape
         H = G // 4
+        dG = _empty((T, B, G), fac)  # (T, B, 4H) dL/dpre: the factors scaled per step
         dG_l = dG.unbind(0)
-        d_ifg = dG[:, :, : 3 * H].view(T, B, 3, H).unbind(0)  # (B, 3, H) per step
-        d_o_l = dG[:, :, 3 * H :].unbind(0)
-        k_l, f_l = k.unbind(0), fgate.unbind(0)
-        dhs_l = dhs.contiguous().unbind(0)
-        _, lin_add = _gemm_fns(dG, B)
+        dG_ifg = dG[:, :, : 3 * H].view(T, B, 3, H).unbind(0)  # (B, 3, H) per step
+        dG_o = dG[:, :, 3 * H :].unbind(0)
+        fac_ifg = fac[:, :, : 3 * H].view(T, B, 3, H).unbind(0)
+        fac_o = fac[:, :, 3 * H :].unbind(0)
+        k_l, f_l = k.unbind(0), acts[:, :, H : 2 * H].unbind(0)
+        dhs_l = _strided_ok(dhs).unbind(0)
+        _, lin_add = _gemm_fns(fac, B)
         w_t = _dense(w_hh).t()  # lin_add(x, w_t, o) = o + x @ W_hh
+        mul = torch.mul
         dh = dhs_l[T - 1]  # (B, H) total dL/dh_t
         dc = _first_grad(dc_last)  # (B, H) total dL/dc_t, updated in place
         dc3 = dc.unsqueeze(1)  # (B, 1, H) view of dc, broadcast over i, f, g
         for t in range(T - 1, -1, -1):
-            d_o_l[t].mul_(dh)  # dL/do_pre = dh tanh(c) s'(o)
+            mul(fac_o[t], dh, out=dG_o[t])  # dL/do_pre = dh tanh(c) s'(o)
             dc.addcmul_(dh, k_l[t], value=4)  # dL/dc_t += dh o (1 - tanh(c)^2)
-            d_ifg[t].mul_(dc3)  # dL/d(i, f, g)_pre
+            mul(fac_ifg[t], dc3, out=dG_ifg[t])  # dL/d(i, f, g)_pre
             dc.mul_(f_l[t])  # dL/dc_{t-1} through the forget gate
             if t:
                 dh = lin_add(dG_l[t], w_t, dhs_l[t - 1])  # dL/dh_{t-1}
@@ -620,45 +711,44 @@ class _GRURecurrence(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, xg: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor | None) -> Tensor:
         hs, saved = _gru_scan(xg, h0, w_hh, b_hh, keep=True)
-        ctx.save_for_backward(h0, w_hh, hs)
-        ctx.acts = saved
+        ctx.save_for_backward(h0, w_hh, hs, *saved)  # see _LSTMRecurrence.forward
         return hs
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     @once_differentiable
     def backward(ctx, dhs: Tensor):
-        h0, w_hh, hs = ctx.saved_tensors
-        rz, ns, hg_n = ctx.acts
-        del ctx.acts
+        h0, w_hh, hs, rz, ns, hg_n = ctx.saved_tensors
         T, B, H = hs.shape
         r, z = rz[:, :, :H], rz[:, :, H:]
         # With h' = n + z (h - n):  dz_pre = dh (h - n) z (1 - z),
         # dn_pre = dh (1 - z) (1 - n^2), dr_pre = dn_pre hg_n r (1 - r), d(hg_n) = dn_pre r,
         # and dh_prev = dh z + [dr_pre, dz_pre, d(hg_n)] @ W_hh. The factors that do not
         # depend on the incoming gradient are computed for all steps first.
-        one_m_z = 1 - z
-        a_z = torch.empty_like(hs)
+        one_m_z = _empty((T, B, H), hs)
+        torch.neg(z, out=one_m_z).add_(1)  # 1 - z
+        a_z = _empty((T, B, H), hs)
         a_z[0] = h0
         if T > 1:
             a_z[1:] = hs[:-1]
         a_z.sub_(ns).mul_(z).mul_(one_m_z)  # (h_prev - n) z (1 - z)
-        a_n = torch.mul(ns, ns).neg_().add_(1).mul_(one_m_z)  # (1 - z) (1 - n^2)
-        fac_rr = hs.new_empty((T, B, 2, H))  # per step [hg_n r (1 - r), r]
+        a_n = _empty((T, B, H), hs)
+        torch.mul(ns, ns, out=a_n).neg_().add_(1).mul_(one_m_z)  # (1 - z) (1 - n^2)
+        fac_rr = _empty((T, B, 2, H), hs)  # per step [hg_n r (1 - r), r]
         a_r = fac_rr[:, :, 0]
         torch.mul(r, r, out=a_r)
         a_r.neg_().add_(r).mul_(hg_n)
         fac_rr[:, :, 1] = r
 
-        dHg = hs.new_empty((T, B, 3 * H))  # [dr_pre, dz_pre, d(hg_n)]: the GEMM operand
-        dn = torch.empty_like(hs)  # dn_pre, which is also dL/d(x_n)
+        dHg = _empty((T, B, 3 * H), hs)  # [dr_pre, dz_pre, d(hg_n)]: the GEMM operand
+        dn = _empty((T, B, H), hs)  # dn_pre, which is also dL/d(x_n)
         dHg_l = dHg.unbind(0)
         dz_l = dHg[:, :, H : 2 * H].unbind(0)
         d_rn = dHg.view(T, B, 3, H)[:, :, 0::2].unbind(0)  # (B, 2, H): slots r and n
         dn_l = dn.unbind(0)
         dn3 = dn.unsqueeze(2).unbind(0)  # (B, 1, H) views, broadcast over fac_rr
         a_z_l, a_n_l, rr_l, z_l = a_z.unbind(0), a_n.unbind(0), fac_rr.unbind(0), z.unbind(0)
-        dhs_l = dhs.contiguous().unbind(0)
+        dhs_l = _strided_ok(dhs).unbind(0)
         _, lin_add = _gemm_fns(hs, B)
         w_t = _dense(w_hh).t()  # lin_add(x, w_t, o) = o + x @ W_hh
         mul, addcmul = torch.mul, torch.addcmul
@@ -675,7 +765,7 @@ class _GRURecurrence(torch.autograd.Function):
         dw = _dw_hh(dHg, h0, hs) if need[2] else None
         db = dHg.sum(dim=(0, 1)) if need[3] else None
         # dL/dxg = [dr_pre, dz_pre, dn_pre]: the input side meets n before the reset gate.
-        dxg = torch.cat((dHg[:, :, : 2 * H], dn), dim=2)
+        dxg = torch.cat((dHg[:, :, : 2 * H], dn), dim=2, out=_empty((T, B, 3 * H), hs))
         return dxg, dh0, dw, db
 
 
@@ -999,10 +1089,14 @@ class _LayerBase(nn.Module):
         raise NotImplementedError
 
     def _params(self, layer: int) -> list[Tensor | None]:
-        # Read through _parameters (not getattr) to keep per-call overhead low for sampling.
+        """[w_ih, w_hh, b_ih, b_hh] of one layer (biases None without bias)."""
+        # Read through _parameters (not getattr) to keep per-call overhead low for sampling,
+        # while still seeing parameters swapped in by load_state_dict or functional_call.
         table = self._parameters
-        ps: list[Tensor | None] = [table[n] for n in self._all_weights[layer]]
-        return ps if self.bias else ps + [None, None]
+        names = self._all_weights[layer]
+        if self.bias:
+            return [table[names[0]], table[names[1]], table[names[2]], table[names[3]]]
+        return [table[names[0]], table[names[1]], None, None]
 
     def _run(
         self, input: Tensor, hx: Sequence[Tensor] | None, n_states: int
@@ -1024,11 +1118,10 @@ class _LayerBase(nn.Module):
                 f"dtype ({w_dtype})"
             )
         is_batched = dim == 3
-        if not is_batched:
-            input = input.unsqueeze(1)  # (T, 1, I)
-        elif self.batch_first:
-            input = input.transpose(0, 1)  # (T, B, I)
-        T, B = input.shape[0], input.shape[1]
+        # Batched input is (T, B, I), or (B, T, I) with batch_first; unbatched is (T, I).
+        time_dim = 1 if is_batched and self.batch_first else 0
+        T = input.shape[time_dim]
+        B = input.shape[1 - time_dim] if is_batched else 1
         expected = (self.num_layers, B, self.hidden_size)
         if hx is None:
             zeros = input.new_zeros(expected)
@@ -1065,12 +1158,13 @@ class _LayerBase(nn.Module):
         finals: list[list[Tensor]] = []
         if T == 1 and not grad and self.fused:
             # Sampling: one step of every layer on (B, I) directly, no sequence machinery.
-            x = input[0]
+            x = input.select(time_dim, 0) if is_batched else input  # (B, I); unbatched (1, I)
             dev = x.device.type
+            amp = torch.is_autocast_enabled(dev)
             for layer in range(self.num_layers):
                 st = [p[layer] for p in per_layer]
                 params = self._params(layer)
-                if torch.is_autocast_enabled(dev):
+                if amp:
                     ctx, cast = _float32_region(dev, x, *st, *params)
                     x, st, params = (
                         cast[0],
@@ -1085,21 +1179,25 @@ class _LayerBase(nn.Module):
                 x = fin[0]
                 if layer < last and dropout > 0:
                     x = F.dropout(x, dropout, training=True)
-            x = x.unsqueeze(0)  # (1, B, H)
+            out = x.unsqueeze(time_dim) if is_batched else x
         else:
-            x = input
+            x = input.transpose(0, 1) if time_dim else input
+            if not is_batched:
+                x = x.unsqueeze(1)  # (T, 1, I)
             for layer in range(self.num_layers):
                 st = [p[layer] for p in per_layer]
                 x, fin = self._layer(x, st, self._params(layer), grad)
                 finals.append(fin)
                 if layer < last and dropout > 0:
                     x = F.dropout(x, dropout, training=True)
+            if not is_batched:
+                out = x.squeeze(1)
+            else:
+                out = x.transpose(0, 1) if time_dim else x
         out_states = [torch.stack([fin[k] for fin in finals]) for k in range(n_states)]
         if not is_batched:
-            return x.squeeze(1), [s.squeeze(1) for s in out_states]
-        if self.batch_first:
-            x = x.transpose(0, 1)
-        return x, out_states
+            out_states = [s.squeeze(1) for s in out_states]
+        return out, out_states
 
     @staticmethod
     def _loop(

@@ -22,6 +22,7 @@ from charlm.data import (
     load_dataset,
     token_dtype,
 )
+from tests.conftest import SHAKESPEARE
 
 
 def test_vocab_round_trip_and_sorting():
@@ -179,3 +180,10 @@ def test_tinyshakespeare_offline_message(monkeypatch):
 
 def test_vocab_missing_characters():
     assert Vocab("abc").missing("abxcyx") == ["x", "y"]
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="needs ../shared/data/tinyshakespeare.txt")
+def test_tinyshakespeare_split_matches_nanogpt():
+    """65 characters, 1,003,854 training and 111,540 validation characters: nanoGPT's split."""
+    ds = load_dataset(DataConfig(source=str(SHAKESPEARE)))
+    assert (len(ds.vocab), len(ds.train), len(ds.val)) == (65, 1_003_854, 111_540)

@@ -59,6 +59,7 @@ def test_bad_run_names_are_refused(name):
 def test_resume_equals_uninterrupted(tmp_path, corpus, monkeypatch, cell, stop_at):
     """Ctrl-C (SIGINT) mid-run, then --resume: the same weights as a run never interrupted."""
     extra = ["train.eval_interval=10", "model.dropout=0.1", "model.num_layers=2",
+             "train.stateful=true",
              f"model.cell={cell}"]
     full = _train(tmp_path, corpus, name="full", steps=30, extra=extra)
     real_get_lr = train_module.get_lr

@@ -72,7 +72,8 @@ def test_two_process_resume_is_exact(tmp_path):
     Each rank carries its own hidden state and stream position through the checkpoint."""
     text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(60))
     (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
-    common = ["--config", "lstm", "--set", "data.source=corpus.txt", "--set",
+    common = ["--config", "lstm", "--set", "train.stateful=true",  # per-rank stream positions
+              "--set", "data.source=corpus.txt", "--set",
               "model.hidden_size=16", "--set", "model.num_layers=1", "--set",
               "train.batch_size=4", "--set", "train.seq_len=16", "--set", "train.eval_steps=2",
               "--set", "train.eval_interval=8", "--set", "train.sample_length=0", "--set",

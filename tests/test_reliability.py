@@ -228,7 +228,8 @@ def test_second_ctrl_c_mid_step_keeps_the_last_consistent_checkpoint(tmp_path, c
     """Two Ctrl-C after the weights were updated but before the step was counted: nothing
     half-done is saved, so resuming still reproduces the uninterrupted run exactly."""
     runs = tmp_path / "runs"
-    args = ["--runs-dir", runs, "--quiet", *sets(tiny_overrides(corpus, "lstm", 25))]
+    args = ["--runs-dir", runs, "--quiet", *sets(tiny_overrides(corpus, "lstm", 25)),
+            "--set", "train.stateful=true"]  # detach_state runs between update and count
     assert invoke("train", "--config", "lstm", "--name", "full", *args).exit_code == 0
     with monkeypatch.context() as m:  # after step 13's update, before it is counted
         _signal_at(m, "detach_state", 13, [signal.SIGINT, signal.SIGINT])

@@ -17,6 +17,7 @@ every rank so that they always are.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -149,22 +150,45 @@ def main_first() -> Iterator[None]:
         dist.barrier()
 
 
+# torch's broadcast_object_list/all_gather_object turn tensors back into bytes through NumPy,
+# which torch does not depend on; these two pickle through plain uint8 tensors instead.
+
+
+def _encode(obj: Any) -> torch.Tensor:
+    return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+
+
+def _decode(t: torch.Tensor, size: int) -> Any:
+    return pickle.loads(bytes(t.contiguous().untyped_storage())[:size])  # our own ranks' data
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank `src`'s `obj` on every rank (pickled through gloo)."""
     if not _initialized():
         return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+    data = _encode(obj) if dist.get_rank() == src else torch.empty(0, dtype=torch.uint8)
+    size = torch.tensor([data.numel()], dtype=torch.int64)
+    dist.broadcast(size, src=src)
+    if dist.get_rank() != src:
+        data = torch.empty(int(size), dtype=torch.uint8)
+    dist.broadcast(data, src=src)
+    return _decode(data, int(size))
 
 
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's `obj`, indexed by rank, on every rank (`[obj]` for one process)."""
     if not _initialized():
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    world = dist.get_world_size()
+    data = _encode(obj)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64))
+    longest = int(max(sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[: data.numel()] = data
+    out = [torch.empty(longest, dtype=torch.uint8) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return [_decode(t, int(n)) for t, n in zip(out, sizes, strict=True)]
 
 
 def all_mean(values: list[float]) -> list[float]:

@@ -6,6 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from typer.testing import CliRunner
+
+from charlm.cli import app
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -35,3 +39,23 @@ def tiny_overrides(corpus: Path, cell: str = "lstm", steps: int = 20) -> list[st
             f"train.max_steps={steps}", "train.max_time=null", "train.eval_interval=10",
             "train.eval_steps=2", "train.log_interval=5", "train.sample_length=20",
             "train.device=cpu", "train.warmup_steps=2"]
+
+
+def invoke(*args):
+    """Run `charlm ARGS...` in-process; the result has .exit_code, .stdout and .stderr."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def sets(overrides: list[str]) -> list[str]:
+    """`["a=1", "b=2"]` -> `["--set", "a=1", "--set", "b=2"]`."""
+    return [x for o in overrides for x in ("--set", o)]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: on a loaded 2-core machine every
+    parallel op otherwise waits for a descheduled second thread; results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

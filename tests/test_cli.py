@@ -7,21 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
 
 from charlm import __version__
-from charlm.cli import app
-from tests.conftest import tiny_overrides
-
-runner = CliRunner()
-
-
-def invoke(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def sets(overrides: list[str]) -> list[str]:
-    return [x for o in overrides for x in ("--set", o)]
+from tests.conftest import invoke, sets, tiny_overrides
 
 
 def test_version_and_help():

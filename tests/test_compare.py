@@ -9,22 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from charlm.cli import app
 from charlm.compare import parse_params, size_to_params
 from charlm.config import load_config
 from charlm.data import load_dataset
 from charlm.train import TrainingInterrupted
-from tests.conftest import tiny_overrides
-
-runner = CliRunner()
-
+from tests.conftest import invoke, tiny_overrides
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def shared_sets(corpus: Path, steps: int = 10) -> list[str]:

@@ -10,28 +10,14 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
-from typer.testing import CliRunner
 
 from charlm import checkpoint as ck
 from charlm import data as data_module
-from charlm.cli import app
-from tests.conftest import tiny_overrides
+from tests.conftest import invoke, tiny_overrides
 
-runner = CliRunner()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def train_tiny(tmp_path: Path, corpus: Path, cell: str = "lstm", steps: int = 10,

@@ -19,13 +19,7 @@ from charlm.sample import check_sampling_options, pick_next
 FAST = settings(max_examples=80, deadline=None, database=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TYPES = {f"{s}.{f.name}": typing.get_type_hints(cls)[f.name]
          for s, cls in SECTIONS.items() for f in fields(cls)}

@@ -16,33 +16,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.serialization
-from typer.testing import CliRunner
 
 from charlm import checkpoint as ck
 from charlm import train as train_module
-from charlm.cli import app
 from charlm.data import load_dataset
 from charlm.evaluate import evaluate_tokens
-from tests.conftest import tiny_overrides
+from tests.conftest import invoke, sets, tiny_overrides
 
-runner = CliRunner()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
-def sets(overrides: list[str]) -> list[str]:
-    return [x for o in overrides for x in ("--set", o)]
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

@@ -92,6 +92,9 @@ def setup() -> Context:
 def cleanup() -> None:
     """Leave the process group (safe to call when none was joined)."""
     if dist.is_available() and dist.is_initialized():
+        # Leave together: a rank that tears down its gloo pairs while a peer is still
+        # finishing its last collective can abort the peer at exit.
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -312,8 +312,10 @@ def bench(
     quick: Annotated[bool, typer.Option(
         "--quick", help="Tiny shapes and 2 repeats: a smoke test, not a measurement.")] = False,
 ) -> None:
-    """Time charlm.cells against torch.nn (training tokens/s, sampling chars/s) and the
-    Transformer's KV cache against recomputing; progress on stderr, the table on stdout."""
+    """Time charlm.cells against torch.nn, and the Transformer's KV cache against recomputing.
+
+    Training tokens/s and sampling chars/s, interleaved repeats, medians; progress on stderr,
+    the table (or --json) on stdout."""
     from .bench import format_table, make_shape, parse_cells, run_bench
     from .device import resolve_device
 

@@ -293,6 +293,8 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
     loss_sum, loss_count, window_start, window_steps = 0.0, 0, time.perf_counter(), 0
     tokens_per_s, last_val = 0.0, None
     skipped = 0  # consecutive non-finite steps
+    resume_command = (f"{distributed.launch_command(ctx)} --name {run_dir.name} "
+                      f"--runs-dir {runs_dir} --resume")
     model.train()
     try:
         with _graceful_stop() as stop:
@@ -381,16 +383,13 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
                 if stopping:
                     raise TrainingInterrupted(
                         f"interrupted at step {step}; saved {run_dir / 'last.pt'}. Resume with: "
-                        f"{distributed.launch_command(ctx)} --name {run_dir.name} "
-                        f"--runs-dir {runs_dir} --resume")
+                        f"{resume_command}")
     except KeyboardInterrupt:
         # A second Ctrl-C can land mid-step (batch drawn, weights half-updated): saving then
         # would make a resume silently inexact, so the last checkpoint is kept as it is.
         raise TrainingInterrupted(
             f"stopped at once (second Ctrl-C) during step {step + 1}; nothing more was saved. "
-            f"Resume from the last checkpoint with: "
-            f"{distributed.launch_command(ctx)} --name {run_dir.name} --runs-dir {runs_dir} "
-            "--resume") from None
+            f"Resume from the last checkpoint with: {resume_command}") from None
     finally:
         bar.close()
     # a resumed run that had nothing left to do (rank 0 decides: it alone sees the files)

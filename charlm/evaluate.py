@@ -27,7 +27,7 @@ class Score:
 
     @property
     def bpc(self) -> float:
-        return self.loss / math.log(2)
+        return bits_per_char(self.loss)
 
     @property
     def perplexity(self) -> float:
@@ -60,7 +60,7 @@ def estimate_loss(model: nn.Module, batches, device: torch.device) -> float:
 
 @torch.no_grad()
 def evaluate_tokens(model: nn.Module, tokens: torch.Tensor, seq_len: int, device: torch.device,
-                    batch_size: int = 64, progress=None) -> Score:
+                    batch_size: int = 64) -> Score:
     """Score every character of `tokens` (after the first) once; returns the mean loss."""
     was_training = model.training
     model.eval()
@@ -83,8 +83,6 @@ def evaluate_tokens(model: nn.Module, tokens: torch.Tensor, seq_len: int, device
             state = detach_state(state)
             loss_sum += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
                                         reduction="sum").item()
-            if progress is not None:
-                progress(x.numel())
         return loss_sum
 
     total += score(torch.arange(streams) * stream_len, stream_len)

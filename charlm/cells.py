@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from charlm import kernels
+
 __all__ = [
     "RNNCell",
     "LSTMCell",
@@ -376,6 +378,10 @@ def _dense(t: Tensor) -> Tensor:
 def _mm_nt(x: Tensor, w: Tensor, bias: Tensor | None = None, other: Tensor | None = None) -> Tensor:
     """``x @ w.T (+ bias) (+ other)`` for large operands, on the fastest backend."""
     lin, lin_add = _gemm_fns(x, x.shape[0])
+    if not x.is_contiguous() and _use_onednn(x, x.shape[0]):
+        # oneDNN takes its input row-major and would otherwise copy it into fresh memory
+        # itself; a recycled buffer saves the page faults (about 1.8 ms per 4 MiB here).
+        x = _empty(tuple(x.shape), x).copy_(x)
     x, w = _dense(x), _dense(w)
     return lin(x, w, bias) if other is None else lin_add(x, w, other)
 
@@ -493,6 +499,10 @@ def _lstm_scan(
     """
     T, B, G = xg.shape
     H = G // 4
+    if B * H >= kernels.MIN_NUMEL and kernels.ENABLED and xg.device.type == "cpu":
+        compiled = _lstm_scan_compiled(xg, h0, c0, w_hh, keep)
+        if compiled is not None:
+            return compiled
     hs = _empty((T, B, H), xg)
     # Per step, mult = [g, c_{t-1}, 4 i, tanh(c_t)]: the values that scale s' into ``fac``,
     # each written here by the op that computes it, so that one multiply does all four.
@@ -541,6 +551,39 @@ def _lstm_scan(
             fac4_l[t].mul_(m_l[now])  # s' * [g, c_{t-1}, 4 i, tanh(c')]
     c_last = m_c[T & 1].clone()
     return hs, c_last, ((fac, k, acts) if keep else None)
+
+
+def _lstm_scan_compiled(
+    xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, keep: bool
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]] | None:
+    """:func:`_lstm_scan` with each step's pointwise part as one compiled kernel
+    (:func:`charlm.kernels.lstm_forward`); None when no kernel is available for this shape.
+
+    With ``keep`` it stores ``acts`` (T, B, 4H), the activated gates, and ``cs``
+    (T + 1, B, H), every cell state from c0 on: what :func:`charlm.kernels.lstm_backward`
+    reads. Returns (hs, c_last, (acts, cs)); without ``keep`` the last two are scratch.
+    """
+    T, B, G = xg.shape
+    H = G // 4
+    hs = _empty((T, B, H), xg)
+    acts = _empty((T if keep else 1, B, G), xg)
+    cs = _empty((T + 1 if keep else 2, B, H), xg)
+    cs[0] = c0
+    lin, _ = _gemm_fns(xg, B)
+    w_hh = _dense(w_hh)
+    h = h0.contiguous()
+    x_l, h_l, a_l = xg.unbind(0), hs.unbind(0), _steps(acts, T, keep)
+    c_l = cs.unbind(0) if keep else [cs[t & 1] for t in range(T + 1)]
+    # x_l[0] stands in for the GEMM's output: both are dense (B, 4H).
+    step = kernels.kernel(kernels.lstm_forward, x_l[0], x_l[0], c_l[0], a_l[0], c_l[1], h_l[0])
+    if step is None:
+        return None
+    for t in range(T):
+        gemm = lin(h, w_hh, None)  # (B, 4H) = h W_hh^T
+        step(gemm, x_l[t], c_l[t], a_l[t], c_l[t + 1], h_l[t])
+        h = h_l[t]
+    c_last = c_l[T].clone()
+    return hs, c_last, (acts, cs)
 
 
 def _gru_scan(
@@ -667,6 +710,7 @@ class _LSTMRecurrence(torch.autograd.Function):
         # Intermediates go through save_for_backward too: autograd then frees them right
         # after backward (unless the graph is retained), so the workspace can recycle them
         # even while the caller still holds this step's outputs.
+        ctx.compiled = len(saved) == 2  # (acts, cs) from the compiled scan
         ctx.save_for_backward(h0, w_hh, hs, *saved)
         return hs, c_last
 
@@ -674,6 +718,8 @@ class _LSTMRecurrence(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     @once_differentiable
     def backward(ctx, dhs: Tensor, dc_last: Tensor):
+        if ctx.compiled:
+            return _lstm_backward_compiled(ctx, dhs, dc_last)
         h0, w_hh, hs, fac, k, acts = ctx.saved_tensors
         T, B, G = fac.shape
         H = G // 4
@@ -702,6 +748,33 @@ class _LSTMRecurrence(torch.autograd.Function):
         dh0 = torch.mm(dG_l[0], w_hh) if need[1] else None
         dw = _dw_hh(dG, h0, hs) if need[3] else None
         return dG, dh0, dc, dw
+
+
+def _lstm_backward_compiled(ctx, dhs: Tensor, dc_last: Tensor):
+    """_LSTMRecurrence's backward for the compiled scan: per step one kernel
+    (:func:`charlm.kernels.lstm_backward`, compiled, else run eagerly) and one GEMM."""
+    h0, w_hh, hs, acts, cs = ctx.saved_tensors
+    T, B, G = acts.shape
+    dG = _empty((T, B, G), acts)  # dL/dpre of every step
+    dG_l, a_l, c_l = dG.unbind(0), acts.unbind(0), cs.unbind(0)
+    dhs_l = _strided_ok(dhs).unbind(0)
+    dcs = acts.new_empty((2, *dc_last.shape))  # dL/dc_t, ping-pong
+    dcs[T & 1] = dc_last
+    dc_l = dcs.unbind(0)
+    lin, _ = _gemm_fns(acts, B)
+    w_t = _dense(w_hh).t()  # lin(x, w_t) = x @ W_hh
+    dh_rec = torch.zeros_like(dc_l[0])  # nothing flows back into the last step
+    t = T - 1
+    args = (dh_rec, dhs_l[t], dc_l[T & 1], a_l[t], c_l[t], c_l[t + 1], dG_l[t], dc_l[t & 1])
+    step = kernels.kernel(kernels.lstm_backward, *args) or kernels.lstm_backward
+    for t in range(T - 1, -1, -1):
+        step(dh_rec, dhs_l[t], dc_l[(t + 1) & 1], a_l[t], c_l[t], c_l[t + 1], dG_l[t], dc_l[t & 1])
+        if t:
+            dh_rec = lin(dG_l[t], w_t, None)  # dL/dh_{t-1} through step t's gates
+    need = ctx.needs_input_grad
+    dh0 = torch.mm(dG_l[0], w_hh) if need[1] else None
+    dw = _dw_hh(dG, h0, hs) if need[3] else None
+    return dG, dh0, dc_l[0].clone() if need[2] else None, dw
 
 
 class _GRURecurrence(torch.autograd.Function):

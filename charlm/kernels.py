@@ -157,14 +157,16 @@ def _compile(fn: Callable[..., None], args: tuple[Tensor, ...]) -> Callable[...,
         from torch.fx.experimental.proxy_tensor import make_fx
 
         standalone_compile = torch._inductor.standalone_compile  # torch >= 2.8
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch-internal imports
             traced = make_fx(functionalize(fn))(*example())
             compiled = standalone_compile(traced, example(), dynamic_shapes="from_example_inputs")
             got, want = example(), example()
             compiled(*got)
             fn(*want)
         tol = 1e-5 if args[0].dtype == torch.float32 else 1e-10
-        if not all(torch.allclose(a, b, rtol=tol, atol=tol) for a, b in zip(got, want)):
+        same = (torch.allclose(a, b, rtol=tol, atol=tol) for a, b in zip(got, want, strict=True))
+        if not all(same):
             raise RuntimeError("the compiled kernel disagrees with its eager reference")
         return compiled
     except Exception as exc:  # anything at all: the eager path is always there

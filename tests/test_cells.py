@@ -187,6 +187,40 @@ def test_no_grad_paths_match_torch(kind, batch):
         torch.testing.assert_close(o_mine, o_ref, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_step_path_sees_every_weight_change(kind, bias):
+    """The sampling path caches transposed weights; an in-place update (optimizer step),
+    load_state_dict, a swapped parameter and a dtype change must all invalidate it."""
+    torch.manual_seed(0)
+    ref, mine = make_layers(kind, True, num_layers=2, bias=bias)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn((1, 3, N_IN), generator=g)
+
+    def check(dtype=torch.float32):
+        with torch.no_grad():
+            o_ref, _ = ref(x.to(dtype))
+            o_mine, _ = mine(x.to(dtype))
+        torch.testing.assert_close(o_mine, o_ref, atol=ATOL, rtol=RTOL)
+
+    check()
+    with torch.no_grad():
+        for p_ref, p_mine in zip(ref.parameters(), mine.parameters(), strict=True):
+            p_ref.mul_(0.5)
+            p_mine.mul_(0.5)
+    check()
+    ref.load_state_dict({k: v + 0.1 for k, v in ref.state_dict().items()})
+    mine.load_state_dict(ref.state_dict())
+    check()
+    new = torch.nn.Parameter(ref.weight_hh_l1.detach() * -1)
+    ref.weight_hh_l1 = new
+    mine.weight_hh_l1 = torch.nn.Parameter(new.detach().clone())
+    check()
+    ref.double()
+    mine.double()
+    check(torch.float64)
+
+
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
 def test_workspace_reuses_only_idle_buffers(kind):
     if cells._WORKSPACE._idle is None:

@@ -1,0 +1,198 @@
+"""Tests for charlm.kernels: the compiled LSTM step kernels and the layer path that uses them.
+
+The kernels are compiled for real (Inductor, once per shape; a few seconds the first time,
+then from Inductor's disk cache), so the shapes here are few and tiny; ``MIN_NUMEL`` is
+lowered to let them qualify. Checked: each compiled kernel against its eager torch-ops
+reference (float32 and float64), the LSTM layer on the compiled path against torch.nn
+(outputs, states, every gradient), float64 gradcheck through the compiled recurrence, the
+eager backward reference, and the fallback when compiling fails or is turned off.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+from test_cells import assert_same, initial_state, make_layers
+
+from charlm import cells, kernels
+
+N_IN, N_H, T = 5, 7, 6  # as in test_cells
+
+needs_compiler = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None,
+    reason="Inductor needs a C++ compiler to build CPU kernels",
+)
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """Let tiny steps qualify for compiled kernels, and report the kernels used."""
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    monkeypatch.setattr(kernels, "MIN_NUMEL", 0)
+    used: list[object] = []
+    real = kernels.kernel
+
+    def spy(fn, *args):
+        k = real(fn, *args)
+        used.append((fn, k))
+        return k
+
+    monkeypatch.setattr(kernels, "kernel", spy)
+    return used
+
+
+def _random_args(fn, B: int, H: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    wide, narrow = (B, 4 * H), (B, H)
+    shapes = (
+        [wide, wide, narrow, wide, narrow, narrow]
+        if fn is kernels.lstm_forward
+        else [narrow, narrow, narrow, wide, narrow, narrow, wide, narrow]
+    )
+    return [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fn", [kernels.lstm_forward, kernels.lstm_backward])
+def test_compiled_kernel_matches_eager_reference(fn, dtype, compiled):
+    args = _random_args(fn, 3, 5, dtype)
+    k = kernels.kernel(fn, *args)
+    assert k is not None, "Inductor did not compile the kernel"
+    want = [a.clone() for a in args]
+    fn(*want)
+    got = [a.clone() for a in args]
+    k(*got)
+    n_out = 3 if fn is kernels.lstm_forward else 2
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    for a, b in zip(got[-n_out:], want[-n_out:], strict=True):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    for a, b in zip(got[:-n_out], args[:-n_out], strict=True):
+        assert torch.equal(a, b)  # inputs untouched
+
+
+@needs_compiler
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_compiled_lstm_layer_matches_torch(batch_first, compiled):
+    torch.manual_seed(0)
+    ref, mine = make_layers("lstm", True, num_layers=2, batch_first=batch_first)
+    g = torch.Generator().manual_seed(3)
+    B = 4
+    x = torch.randn((B, T, N_IN) if batch_first else (T, B, N_IN), generator=g)
+    assert_same(ref, mine, x, initial_state("lstm", (2, B, N_H), g))
+    assert_same(ref, mine, x, None)
+    kinds = {fn for fn, k in compiled if k is not None}
+    assert kinds == {kernels.lstm_forward, kernels.lstm_backward}, "compiled path not taken"
+
+
+@needs_compiler
+def test_compiled_lstm_eval_matches_torch(compiled):
+    torch.manual_seed(0)
+    ref, mine = make_layers("lstm", True, num_layers=2)
+    x = torch.randn(T, 3, N_IN)
+    with torch.no_grad():
+        (o_r, (h_r, c_r)), (o_m, (h_m, c_m)) = ref(x), mine(x)
+    for a, b in ((o_m, o_r), (h_m, h_r), (c_m, c_r)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert any(k is not None for fn, k in compiled if fn is kernels.lstm_forward)
+
+
+@needs_compiler
+def test_gradcheck_compiled_lstm_function(compiled):
+    g = torch.Generator().manual_seed(0)
+
+    def f64(*shape):
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+
+    Tn, B, Hn = 4, 2, 3
+    args = (f64(Tn, B, 4 * Hn), f64(B, Hn), f64(B, Hn), f64(4 * Hn, Hn))
+    assert torch.autograd.gradcheck(cells._LSTMRecurrence.apply, args)
+    assert {fn for fn, k in compiled if k is not None} == {
+        kernels.lstm_forward,
+        kernels.lstm_backward,
+    }
+
+
+@needs_compiler
+def test_eager_backward_reference_matches_torch(compiled, monkeypatch):
+    """A compiled forward with the backward step run eagerly (its fallback) is exact too."""
+    real = kernels.kernel
+    monkeypatch.setattr(
+        kernels, "kernel", lambda fn, *a: None if fn is kernels.lstm_backward else real(fn, *a)
+    )
+    torch.manual_seed(0)
+    ref, mine = make_layers("lstm", True, num_layers=2, batch_first=True)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn((4, T, N_IN), generator=g)
+    assert_same(ref, mine, x, initial_state("lstm", (2, 4, N_H), g))
+
+
+def test_failed_compile_warns_once_and_falls_back(monkeypatch):
+    def broken(*args, **kw):
+        raise RuntimeError("no compiler here\nsecond line")
+
+    monkeypatch.setattr(torch._inductor, "standalone_compile", broken, raising=False)
+    monkeypatch.setattr(kernels, "_kernels", {})
+    monkeypatch.setattr(kernels, "_warned", False)
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    monkeypatch.setattr(kernels, "MIN_NUMEL", 0)
+    torch.manual_seed(0)
+    ref, mine = make_layers("lstm", True, num_layers=1)
+    x = torch.randn(T, 3, N_IN)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_same(ref, mine, x, None)
+        assert_same(ref, mine, x, None)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1
+    assert "no compiler here" in messages[0] and "second line" not in messages[0]
+    assert "CHARLM_COMPILE=0" in messages[0]
+    assert all(k is None for k in kernels._kernels.values())
+
+
+@pytest.mark.parametrize(
+    "why",
+    ["disabled", "small", "cuda-like"],
+)
+def test_no_kernel_when_not_worth_it(why, monkeypatch):
+    """Off, below MIN_NUMEL, or not on the CPU: no compile is even attempted."""
+    monkeypatch.setattr(kernels, "_compile", lambda fn, args: pytest.fail("compiled"))
+    monkeypatch.setattr(kernels, "ENABLED", why != "disabled")
+    args = _random_args(kernels.lstm_forward, 2, 3, torch.float32)
+    if why == "cuda-like":
+        monkeypatch.setattr(kernels, "MIN_NUMEL", 0)
+        args = [a.to("meta") for a in args]  # any non-CPU device
+    assert kernels.kernel(kernels.lstm_forward, *args) is None
+
+
+def test_reference_functions_are_the_lstm_equations():
+    """The eager step functions compute torch.nn.LSTMCell's step and its gradient."""
+    torch.manual_seed(0)
+    B, H = 3, 4
+    cell = torch.nn.LSTMCell(H, H, dtype=torch.float64)
+    x, h, c = (torch.randn(B, H, dtype=torch.float64) for _ in range(3))
+    c.requires_grad_()
+    xg = x @ cell.weight_ih.T + cell.bias_ih + cell.bias_hh
+    gemm = h @ cell.weight_hh.T
+    acts, c_new, h_new = (torch.empty(B, n * H, dtype=torch.float64) for n in (4, 1, 1))
+    with torch.no_grad():
+        kernels.lstm_forward(gemm, xg, c.detach(), acts, c_new, h_new)
+    h_ref, c_ref = cell(x, (h, c))
+    torch.testing.assert_close(h_new, h_ref.detach())
+    torch.testing.assert_close(c_new, c_ref.detach())
+    # Backward: against autograd through the cell for a random upstream (dh, dc).
+    pre = (xg + gemm).detach().requires_grad_()
+    i, f, g_, o = pre.chunk(4, 1)
+    c2 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g_)
+    h2 = torch.sigmoid(o) * torch.tanh(c2)
+    dh, dc = torch.randn(B, H, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
+    d_pre, d_c = torch.autograd.grad((h2 * dh).sum() + (c2 * dc).sum(), (pre, c))
+    dpre = torch.empty(B, 4 * H, dtype=torch.float64)
+    dc_prev = torch.empty(B, H, dtype=torch.float64)
+    half = dh / 2  # dh arrives in two parts: through the next step and from the output
+    kernels.lstm_backward(half, dh - half, dc, acts, c.detach(), c_new, dpre, dc_prev)
+    torch.testing.assert_close(dpre, d_pre)
+    torch.testing.assert_close(dc_prev, d_c)

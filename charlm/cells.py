@@ -162,42 +162,30 @@ def gru_step(
 # ---------------------------------------------------------------------------------------
 # One time step without autograd: the same equations as the ``*_step`` functions, for
 # sampling, which calls a layer once per character with batch 1, so the number of tensor
-# ops and their fixed costs are what count. The layer (``_LayerBase._one_step``) first
-# computes the recurrent products of every layer in one batched GEMM (``rec``, (B, G) per
-# layer, biases included); they depend only on the incoming states, and one ``baddbmm``
-# over the layers runs on both cores (10.8 against 2 x 9.7 us for two 256 x 768 layers).
-# The input weights come transposed, (I, G): for one row, ``addmm`` against a row-major
-# (K, N) weight measured about 25% faster than ``linear`` against the (N, K) parameter.
-# Each function writes the new states into ``out`` tensors, views of the layer's result.
+# ops and their fixed costs are what count. The layer (``_LayerBase._one_step``) hands each
+# function its input projection ``gi`` (B, G) and recurrent product ``rec`` (B, G), biases
+# included. The recurrent products of all layers, and layer 0's input projection, depend
+# only on what the step starts with, so one batched GEMM (``baddbmm``) computes them all on
+# both cores: 10.8 us against 2 x 9.7 for two 256 x 768 products. Weights enter transposed,
+# (K, G): for one row, a row-major (K, N) operand measured about 25% faster than ``linear``
+# against the (N, K) parameter. New states are written into ``out`` tensors, views of the
+# layer's returned states.
 # ---------------------------------------------------------------------------------------
 
 
 def _rnn_step_inference(
-    x: Tensor,
-    h: Tensor,
-    w_ih_t: Tensor,
-    b_in: Tensor | None,
-    rec: Tensor,
-    h_out: Tensor,
-    relu: bool = False,
+    gi: Tensor, rec: Tensor, h: Tensor, h_out: Tensor, relu: bool = False
 ) -> None:
-    """h' = act(x W_ih^T + rec) into ``h_out`` (B, H); ``rec`` = h W_hh^T + b_ih + b_hh."""
-    pre = rec.addmm_(x, w_ih_t)  # (B, H); rec is scratch
+    """h' = act(gi + rec) into ``h_out`` (B, H); ``gi`` is overwritten."""
+    pre = gi.add_(rec)  # (B, H)
     torch.clamp_min(pre, 0.0, out=h_out) if relu else torch.tanh(pre, out=h_out)
 
 
 def _lstm_step_inference(
-    x: Tensor,
-    h: Tensor,
-    c: Tensor,
-    w_ih_t: Tensor,
-    b_in: Tensor | None,
-    rec: Tensor,
-    h_out: Tensor,
-    c_out: Tensor,
+    gi: Tensor, rec: Tensor, h: Tensor, c: Tensor, h_out: Tensor, c_out: Tensor
 ) -> None:
-    """One LSTM step into ``h_out`` and ``c_out`` (B, H); ``rec`` = h W_hh^T + b_ih + b_hh."""
-    gates = rec.addmm_(x, w_ih_t)  # (B, 4H)
+    """One LSTM step into ``h_out`` and ``c_out`` (B, H); ``gi`` is overwritten."""
+    gates = gi.add_(rec)  # (B, 4H): i, f, g, o
     H = h.shape[-1]
     gates[:, : 2 * H].sigmoid_()
     gates[:, 3 * H :].sigmoid_()
@@ -206,18 +194,11 @@ def _lstm_step_inference(
     torch.tanh(c_out, out=h_out).mul_(gates[:, 3 * H :])  # o tanh(c')
 
 
-def _gru_step_inference(
-    x: Tensor,
-    h: Tensor,
-    w_ih_t: Tensor,
-    b_in: Tensor | None,
-    rec: Tensor,
-    h_out: Tensor,
-) -> None:
-    """One GRU step into ``h_out`` (B, H); ``rec`` = h W_hh^T + b_hh, ``b_in`` = b_ih (the
-    reset gate sits between the two halves of the n gate, so they stay apart)."""
+def _gru_step_inference(gi: Tensor, rec: Tensor, h: Tensor, h_out: Tensor) -> None:
+    """One GRU step into ``h_out`` (B, H). ``gi`` = x W_ih^T + b_ih, ``rec`` = h W_hh^T + b_hh
+    (the reset gate sits between the halves of the n gate, so they stay apart); ``gi`` is
+    overwritten."""
     H = h.shape[-1]
-    gi = torch.mm(x, w_ih_t) if b_in is None else torch.addmm(b_in, x, w_ih_t)  # (B, 3H)
     # Slices, not Tensor.split or chunk: their Python wrappers cost several us per call.
     rz = gi[:, : 2 * H].add_(rec[:, : 2 * H]).sigmoid_()
     n = gi[:, 2 * H :].addcmul_(rz[:, :H], rec[:, 2 * H :]).tanh_()
@@ -1157,16 +1138,10 @@ class _LayerBase(nn.Module):
     ) -> tuple[Tensor, list[Tensor]]:
         raise NotImplementedError
 
-    def _infer_step(
-        self,
-        x: Tensor,
-        states: list[Tensor],
-        w_ih_t: Tensor,
-        b_in: Tensor | None,
-        rec: Tensor,
-        out: list[Tensor],
-    ) -> None:
-        """One step of one layer without autograd: new states into ``out`` (each (B, H))."""
+    def _infer_step(self, gi: Tensor, rec: Tensor, states: list[Tensor], out: list[Tensor]) -> None:
+        """One step of one layer without autograd from its input projection and recurrent
+        product (each (B, G), biases included; ``gi`` may be overwritten): new states into
+        ``out`` (each (B, H))."""
         raise NotImplementedError
 
     def _params(self, layer: int) -> list[Tensor | None]:
@@ -1186,8 +1161,13 @@ class _LayerBase(nn.Module):
     def _inference_weights(
         self, dtype: torch.dtype
     ) -> tuple[list[Tensor], list[Tensor | None], Tensor, Tensor | None]:
-        """What :meth:`_one_step` multiplies with, in ``dtype``: per layer W_ih^T (I, G) and
-        the input bias, all layers' W_hh^T stacked (L, H, G), the recurrent biases (L, 1, G).
+        """What :meth:`_one_step` multiplies with, in ``dtype``.
+
+        Returns (w_in, b_in, w_stack, b_stack): per layer W_ih^T (I, G) and its bias, and the
+        operands of the batched GEMM: W_hh^T of every layer stacked (L, H, G) with their
+        biases (L, 1, G), preceded by layer 0's W_ih^T and bias when input_size equals
+        hidden_size (so that layer 0's input projection joins the batch). LSTM and RNN fold
+        b_hh into the input bias; GRU cannot (see :func:`_gru_step_inference`).
 
         Built once and cached until a parameter changes: an optimizer step or
         load_state_dict bumps its version, ``.to()`` gives it new data, functional_call
@@ -1200,18 +1180,25 @@ class _LayerBase(nn.Module):
         if cached is not None and cached[0] == key:
             return cached[1]
         with torch.no_grad():
-            w_ih_t = [ps[0].to(dtype).t().contiguous() for ps in params]  # type: ignore[union-attr]
-            w_hh_t = torch.stack([ps[1].to(dtype).t() for ps in params])  # type: ignore[union-attr]
+            ws = [[p.to(dtype) if p is not None else None for p in ps] for ps in params]
+            w_in = [w[0].t().contiguous() for w in ws]  # type: ignore[union-attr]
+            recurrent = [w[1].t() for w in ws]  # type: ignore[union-attr]
             b_in: list[Tensor | None] = [None] * self.num_layers
-            b_rec = None
+            b_rec: list[Tensor] = []
             if self.bias:
                 if self._fold_biases:
-                    b_rec = torch.stack([ps[2] + ps[3] for ps in params])  # type: ignore[operator]
+                    b_in = [w[2] + w[3] for w in ws]  # type: ignore[operator]
+                    b_rec = [torch.zeros_like(w[3]) for w in ws]  # type: ignore[arg-type]
                 else:
-                    b_in = [ps[2].to(dtype) for ps in params]  # type: ignore[union-attr]
-                    b_rec = torch.stack([ps[3] for ps in params])  # type: ignore[misc]
-                b_rec = b_rec.to(dtype).unsqueeze(1)  # (L, 1, G)
-        built = (w_ih_t, b_in, w_hh_t, b_rec)
+                    b_in = [w[2] for w in ws]
+                    b_rec = [w[3] for w in ws]  # type: ignore[misc]
+            if self.input_size == self.hidden_size:
+                recurrent.insert(0, w_in[0])
+                if self.bias:
+                    b_rec.insert(0, b_in[0])  # type: ignore[arg-type]
+            w_stack = torch.stack(recurrent)  # (L or L + 1, H, G)
+            b_stack = torch.stack(b_rec).unsqueeze(1) if self.bias else None
+        built = (w_in, b_in, w_stack, b_stack)
         self.__dict__["_inference_cache"] = (key, built)
         return built
 
@@ -1221,28 +1208,33 @@ class _LayerBase(nn.Module):
         """Every layer for one time step without autograd (sampling): x (B, I), states
         (L, B, H) each -> (top layer's h (B, H), new states (L, B, H) each)."""
         dev = x.device.type
-        amp = torch.is_autocast_enabled(dev)
-        dtype = torch.float32 if amp else self._parameters["weight_hh_l0"].dtype
-        with torch.autocast(dev, enabled=False) if amp else nullcontext():
-            x = x.to(dtype)
-            states = [s.to(dtype) for s in states]
-            w_ih_t, b_in, w_hh_t, b_rec = self._inference_weights(dtype)
-            h_all = states[0]  # (L, B, H)
-            if b_rec is None:
-                rec = torch.bmm(h_all, w_hh_t)
+        if torch.is_autocast_enabled(dev):  # the recurrence runs in float32 (see above)
+            with torch.autocast(dev, enabled=False):
+                states = [s.float() for s in states]
+                return self._one_step(x.float(), states, expected, dropout)
+        L = self.num_layers
+        w_in, b_in, w_stack, b_stack = self._inference_weights(
+            self._parameters["weight_hh_l0"].dtype
+        )
+        joined = w_stack.shape[0] > L  # layer 0's input projection is in the batch
+        lhs = torch.cat((x.unsqueeze(0), states[0])) if joined else states[0]
+        if b_stack is None:
+            prod = torch.bmm(lhs, w_stack)
+        else:
+            prod = torch.baddbmm(b_stack, lhs, w_stack)  # (L [+ 1], B, G)
+        new = [x.new_empty(expected) for _ in states]
+        for layer in range(L):
+            if layer == 0 and joined:
+                gi = prod[0]
+            elif b_in[layer] is None:
+                gi = torch.mm(x, w_in[layer])
             else:
-                rec = torch.baddbmm(b_rec, h_all, w_hh_t)  # (L, B, G)
-            new = [x.new_empty(expected) for _ in states]
-            per_layer = [s.unbind(0) for s in states]
-            outs = [s.unbind(0) for s in new]
-            last = self.num_layers - 1
-            for layer in range(self.num_layers):
-                fin = [o[layer] for o in outs]
-                st = [p[layer] for p in per_layer]
-                self._infer_step(x, st, w_ih_t[layer], b_in[layer], rec[layer], fin)
-                x = fin[0]
-                if layer < last and dropout > 0:
-                    x = F.dropout(x, dropout, training=True)
+                gi = torch.addmm(b_in[layer], x, w_in[layer])
+            fin = [n[layer] for n in new]
+            self._infer_step(gi, prod[layer + joined], [s[layer] for s in states], fin)
+            x = fin[0]
+            if layer < L - 1 and dropout > 0:
+                x = F.dropout(x, dropout, training=True)
         return x, new
 
     def _run(
@@ -1390,8 +1382,8 @@ class RNN(_LayerBase):
         out, (h_n,) = self._run(input, None if hx is None else (hx,), 1)
         return out, h_n
 
-    def _infer_step(self, x, states, w_ih_t, b_in, rec, out):
-        _rnn_step_inference(x, *states, w_ih_t, b_in, rec, *out, relu=self.nonlinearity == "relu")
+    def _infer_step(self, gi, rec, states, out):
+        _rnn_step_inference(gi, rec, *states, *out, relu=self.nonlinearity == "relu")
 
     def _layer(self, x, states, params, grad):
         if not self.fused:
@@ -1458,8 +1450,8 @@ class LSTM(_LayerBase):
         out, (h_n, c_n) = self._run(input, hx, 2)
         return out, (h_n, c_n)
 
-    def _infer_step(self, x, states, w_ih_t, b_in, rec, out):
-        _lstm_step_inference(x, *states, w_ih_t, b_in, rec, *out)
+    def _infer_step(self, gi, rec, states, out):
+        _lstm_step_inference(gi, rec, *states, *out)
 
     def _layer(self, x, states, params, grad):
         if not self.fused:
@@ -1521,8 +1513,8 @@ class GRU(_LayerBase):
         out, (h_n,) = self._run(input, None if hx is None else (hx,), 1)
         return out, h_n
 
-    def _infer_step(self, x, states, w_ih_t, b_in, rec, out):
-        _gru_step_inference(x, *states, w_ih_t, b_in, rec, *out)
+    def _infer_step(self, gi, rec, states, out):
+        _gru_step_inference(gi, rec, *states, *out)
 
     def _layer(self, x, states, params, grad):
         if not self.fused:

@@ -29,16 +29,18 @@ def recycle_small_buffers(monkeypatch):
     monkeypatch.setattr(cells._WORKSPACE, "min_bytes", 0)
 
 
-def make_layers(kind: str, fused: bool = True, **kw) -> tuple[nn.Module, nn.Module]:
+def make_layers(
+    kind: str, fused: bool = True, n_in: int = N_IN, **kw
+) -> tuple[nn.Module, nn.Module]:
     """torch.nn's layer and charlm's twin holding the same weights."""
     if kind.startswith("rnn"):
         nl = kind.split("_")[1]
-        ref = nn.RNN(N_IN, N_H, nonlinearity=nl, **kw)
-        mine = cells.RNN(N_IN, N_H, nonlinearity=nl, fused=fused, **kw)
+        ref = nn.RNN(n_in, N_H, nonlinearity=nl, **kw)
+        mine = cells.RNN(n_in, N_H, nonlinearity=nl, fused=fused, **kw)
     elif kind == "lstm":
-        ref, mine = nn.LSTM(N_IN, N_H, **kw), cells.LSTM(N_IN, N_H, fused=fused, **kw)
+        ref, mine = nn.LSTM(n_in, N_H, **kw), cells.LSTM(n_in, N_H, fused=fused, **kw)
     else:
-        ref, mine = nn.GRU(N_IN, N_H, **kw), cells.GRU(N_IN, N_H, fused=fused, **kw)
+        ref, mine = nn.GRU(n_in, N_H, **kw), cells.GRU(n_in, N_H, fused=fused, **kw)
     mine.load_state_dict(ref.state_dict(), strict=True)
     return ref, mine
 
@@ -161,14 +163,15 @@ def test_cell_matches_torch(kind, bias, with_hx, batched):
     assert_same(ref, mine, x, hx)
 
 
+@pytest.mark.parametrize("n_in", [N_IN, N_H])  # N_H: layer 0's input joins the batched GEMM
 @pytest.mark.parametrize("batch", [1, 9])
 @pytest.mark.parametrize("kind", KINDS)
-def test_no_grad_paths_match_torch(kind, batch):
+def test_no_grad_paths_match_torch(kind, batch, n_in):
     """Sampling (T=1 steps carrying state) and no-grad evaluation of whole sequences."""
     torch.manual_seed(0)
-    ref, mine = make_layers(kind, True, num_layers=2, batch_first=True)
+    ref, mine = make_layers(kind, True, n_in, num_layers=2, batch_first=True)
     g = torch.Generator().manual_seed(5)
-    xs = torch.randn((batch, T, N_IN), generator=g)
+    xs = torch.randn((batch, T, n_in), generator=g)
     with torch.no_grad():
         s_ref = s_mine = None
         for t in range(T):
@@ -187,15 +190,16 @@ def test_no_grad_paths_match_torch(kind, batch):
         torch.testing.assert_close(o_mine, o_ref, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("n_in", [N_IN, N_H])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("kind", KINDS)
-def test_one_step_path_sees_every_weight_change(kind, bias):
+def test_one_step_path_sees_every_weight_change(kind, bias, n_in):
     """The sampling path caches transposed weights; an in-place update (optimizer step),
     load_state_dict, a swapped parameter and a dtype change must all invalidate it."""
     torch.manual_seed(0)
-    ref, mine = make_layers(kind, True, num_layers=2, bias=bias)
+    ref, mine = make_layers(kind, True, n_in, num_layers=2, bias=bias)
     g = torch.Generator().manual_seed(6)
-    x = torch.randn((1, 3, N_IN), generator=g)
+    x = torch.randn((1, 3, n_in), generator=g)  # T = 1, batch 3
 
     def check(dtype=torch.float32):
         with torch.no_grad():
@@ -517,6 +521,10 @@ def test_cpu_autocast_bf16(kind):
         out.float().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mine.parameters())
     torch.testing.assert_close(out.float(), ref_out, atol=5e-2, rtol=5e-2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # one-step path
+        step_out, state = mine(x[:, :1].bfloat16())
+    assert step_out.dtype == torch.float32
+    torch.testing.assert_close(step_out, ref_out[:, :1], atol=5e-2, rtol=5e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

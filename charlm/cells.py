@@ -164,9 +164,10 @@ def gru_step(
 # sampling, which calls a layer once per character with batch 1, so the number of tensor
 # ops and their fixed costs are what count. The layer (``_LayerBase._one_step``) hands each
 # function its input projection ``gi`` (B, G) and recurrent product ``rec`` (B, G), biases
-# included. The recurrent products of all layers, and layer 0's input projection, depend
-# only on what the step starts with, so one batched GEMM (``baddbmm``) computes them all on
-# both cores: 10.8 us against 2 x 9.7 for two 256 x 768 products. Weights enter transposed,
+# included. The recurrent products of all layers depend only on the states the step starts
+# with, so one batched GEMM (``baddbmm``) computes them all, on both cores: 10.8 us against
+# 2 x 9.7 for two layers' 256 x 768 products (adding layer 0's input projection to the batch
+# measured no faster: three products split unevenly over two cores). Weights enter transposed,
 # (K, G): for one row, a row-major (K, N) operand measured about 25% faster than ``linear``
 # against the (N, K) parameter. New states are written into ``out`` tensors, views of the
 # layer's returned states.
@@ -1165,9 +1166,8 @@ class _LayerBase(nn.Module):
 
         Returns (w_in, b_in, w_stack, b_stack): per layer W_ih^T (I, G) and its bias, and the
         operands of the batched GEMM: W_hh^T of every layer stacked (L, H, G) with their
-        biases (L, 1, G), preceded by layer 0's W_ih^T and bias when input_size equals
-        hidden_size (so that layer 0's input projection joins the batch). LSTM and RNN fold
-        b_hh into the input bias; GRU cannot (see :func:`_gru_step_inference`).
+        biases (L, 1, G). LSTM and RNN fold b_hh into the input bias; GRU cannot (see
+        :func:`_gru_step_inference`).
 
         Built once and cached until a parameter changes: an optimizer step or
         load_state_dict bumps its version, ``.to()`` gives it new data, functional_call
@@ -1192,11 +1192,7 @@ class _LayerBase(nn.Module):
                 else:
                     b_in = [w[2] for w in ws]
                     b_rec = [w[3] for w in ws]  # type: ignore[misc]
-            if self.input_size == self.hidden_size:
-                recurrent.insert(0, w_in[0])
-                if self.bias:
-                    b_rec.insert(0, b_in[0])  # type: ignore[arg-type]
-            w_stack = torch.stack(recurrent)  # (L or L + 1, H, G)
+            w_stack = torch.stack(recurrent)  # (L, H, G)
             b_stack = torch.stack(b_rec).unsqueeze(1) if self.bias else None
         built = (w_in, b_in, w_stack, b_stack)
         self.__dict__["_inference_cache"] = (key, built)
@@ -1216,22 +1212,17 @@ class _LayerBase(nn.Module):
         w_in, b_in, w_stack, b_stack = self._inference_weights(
             self._parameters["weight_hh_l0"].dtype
         )
-        joined = w_stack.shape[0] > L  # layer 0's input projection is in the batch
-        lhs = torch.cat((x.unsqueeze(0), states[0])) if joined else states[0]
+        h_all = states[0]  # (L, B, H)
         if b_stack is None:
-            prod = torch.bmm(lhs, w_stack)
+            rec = torch.bmm(h_all, w_stack)
         else:
-            prod = torch.baddbmm(b_stack, lhs, w_stack)  # (L [+ 1], B, G)
+            rec = torch.baddbmm(b_stack, h_all, w_stack)  # (L, B, G)
         new = [x.new_empty(expected) for _ in states]
         for layer in range(L):
-            if layer == 0 and joined:
-                gi = prod[0]
-            elif b_in[layer] is None:
-                gi = torch.mm(x, w_in[layer])
-            else:
-                gi = torch.addmm(b_in[layer], x, w_in[layer])
+            b = b_in[layer]
+            gi = torch.mm(x, w_in[layer]) if b is None else torch.addmm(b, x, w_in[layer])
             fin = [n[layer] for n in new]
-            self._infer_step(gi, prod[layer + joined], [s[layer] for s in states], fin)
+            self._infer_step(gi, rec[layer], [s[layer] for s in states], fin)
             x = fin[0]
             if layer < L - 1 and dropout > 0:
                 x = F.dropout(x, dropout, training=True)

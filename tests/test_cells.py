@@ -11,6 +11,8 @@ fixed, so the whole file runs in seconds.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from torch import nn
@@ -188,6 +190,30 @@ def test_no_grad_paths_match_torch(kind, batch, n_in):
         o_ref, _ = ref(xs)
         o_mine, _ = mine(xs)
         torch.testing.assert_close(o_mine, o_ref, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_step_path_is_thread_safe(kind):
+    """Threads sampling from one layer at once (each with its own scratch buffers) get
+    exactly what they would get alone."""
+    torch.manual_seed(0)
+    ref, mine = make_layers(kind, True, num_layers=2)
+    g = torch.Generator().manual_seed(7)
+    inputs = [torch.randn((40, 1 + k % 2, N_IN), generator=g) for k in range(4)]
+
+    def run(layer, xs):
+        with torch.no_grad():
+            state, outs = None, []
+            for x_t in xs.unbind(0):
+                out, state = layer(x_t.unsqueeze(0), state)
+                outs.append(out)
+            return torch.cat(outs)
+
+    expected = [run(ref, xs) for xs in inputs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda xs: run(mine, xs), inputs))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("n_in", [N_IN, N_H])

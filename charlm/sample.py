@@ -41,10 +41,12 @@ def pick_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
         logits = torch.full_like(logits, -math.inf).masked_fill(torch.isposinf(logits), 0.0)
     elif torch.isneginf(logits).all():
         logits = torch.zeros_like(logits)
-    logits = (logits - logits.max()) / temperature
     if top_k and top_k < logits.numel():
+        # On the raw values: after the shift and the division, logits that differ by less
+        # than their rounding tie (1e-45 - 1 == -1), and a tie would let more than k through.
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    logits = (logits - logits.max()) / temperature
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)

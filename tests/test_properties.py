@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from charlm.config import SECTIONS, Config, all_keys, apply_overrides, parse_override, validate
 from charlm.sample import check_sampling_options, pick_next
 
-FAST = settings(max_examples=80, deadline=None, database=None)
+FAST = settings(max_examples=80, deadline=None, database=None, derandomize=True)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,6 +113,16 @@ def test_pick_is_a_valid_index_within_the_top_k(logits, temperature, top_k, top_
     if top_k:
         kth = sorted(logits, reverse=True)[min(top_k, len(logits)) - 1]
         assert logits[idx] >= kth
+
+
+def test_top_k_holds_when_temperature_rounds_logits_together():
+    """Found by hypothesis: with temperature 1e300 (and even after subtracting the max),
+    1e-45 and 0 become equal, so top-k applied afterwards let 0-logits in."""
+    logits = [0.0] * 5 + [1.0] * 6 + [0.0] + [1.0] * 2 + [1.401298464324817e-45]
+    picked = {int(pick_next(torch.tensor(logits), 1e300, 9, 1.0,
+                            torch.Generator().manual_seed(seed))) for seed in range(200)}
+    assert all(logits[i] > 0 for i in picked)
+    assert len(picked) == 9  # the huge temperature makes the nine survivors equally likely
 
 
 @FAST

@@ -157,21 +157,70 @@ def _compile(fn: Callable[..., None], args: tuple[Tensor, ...]) -> Callable[...,
         from torch.fx.experimental.proxy_tensor import make_fx
 
         standalone_compile = torch._inductor.standalone_compile  # torch >= 2.8
+        tol = 1e-5 if args[0].dtype == torch.float32 else 1e-10
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torch-internal imports
             traced = make_fx(functionalize(fn))(*example())
             compiled = standalone_compile(traced, example(), dynamic_shapes="from_example_inputs")
-            got, want = example(), example()
-            compiled(*got)
+            want = example()
             fn(*want)
-        tol = 1e-5 if args[0].dtype == torch.float32 else 1e-10
-        same = (torch.allclose(a, b, rtol=tol, atol=tol) for a, b in zip(got, want, strict=True))
-        if not all(same):
-            raise RuntimeError("the compiled kernel disagrees with its eager reference")
-        return compiled
+            for candidate in (_direct_call(compiled), compiled):
+                if candidate is None:
+                    continue
+                got = example()
+                candidate(*got)
+                if all(
+                    torch.allclose(a, b, rtol=tol, atol=tol)
+                    for a, b in zip(got, want, strict=True)
+                ):
+                    return candidate
+        raise RuntimeError("the compiled kernel disagrees with its eager reference")
     except Exception as exc:  # anything at all: the eager path is always there
         _warn_once(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         return None
+
+
+def _direct_call(artifact: object) -> Callable[..., object] | None:
+    """The generated module's own ``call`` inside Inductor's wrappers, or None.
+
+    The wrappers (standalone artifact, AOT runtime wrapper, CompiledFxGraph) cost about
+    5 us per call, as much as the kernel's arithmetic at the reference shape. The inner
+    callable sits in a private structure, so it is found by a bounded search for the
+    ``current_callable`` attribute that Inductor's compiled graph carries, and
+    :func:`_compile` uses it only after checking its results, with the public artifact as
+    the fallback.
+    """
+    seen: set[int] = set()
+    queue: list[object] = [artifact]
+    while queue and len(seen) < 200:
+        obj = queue.pop(0)
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        inner = getattr(obj, "current_callable", None)
+        if callable(inner):
+            return lambda *a: inner(list(a))  # it takes one list, and empties it
+        queue.extend(_referents(obj))
+    return None
+
+
+def _referents(obj: object) -> list[object]:
+    """What a wrapper keeps its wrapped callable in: closures, attributes, partials."""
+    found: list[object] = []
+    func = getattr(obj, "__func__", obj)
+    if hasattr(obj, "__self__"):
+        found.append(obj.__self__)
+    for cell in getattr(func, "__closure__", None) or ():
+        try:
+            found.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            pass
+    if isinstance(getattr(obj, "__dict__", None), dict) and not isinstance(obj, type):
+        found.extend(v for v in vars(obj).values() if not isinstance(v, (type, str, bytes)))
+    for name in ("func", "args"):  # functools.partial
+        value = getattr(obj, name, None)
+        found.extend(value if isinstance(value, tuple) else [value] if callable(value) else [])
+    return found
 
 
 def _warn_once(reason: str) -> None:

@@ -196,3 +196,18 @@ def test_reference_functions_are_the_lstm_equations():
     kernels.lstm_backward(half, dh - half, dc, acts, c.detach(), c_new, dpre, dc_prev)
     torch.testing.assert_close(dpre, d_pre)
     torch.testing.assert_close(dc_prev, d_c)
+
+
+@needs_compiler
+def test_a_wrong_fast_call_path_is_never_used(compiled, monkeypatch):
+    """The direct call into Inductor's generated code is checked like the kernel itself:
+    one that does nothing is rejected in favour of the public compiled artifact."""
+    monkeypatch.setattr(kernels, "_direct_call", lambda artifact: lambda *a: None)
+    monkeypatch.setattr(kernels, "_kernels", {})
+    args = _random_args(kernels.lstm_backward, 2, 5, torch.float32)
+    k = kernels.kernel(kernels.lstm_backward, *args)
+    assert k is not None
+    want = [a.clone() for a in args]
+    kernels.lstm_backward(*want)
+    k(*args)
+    torch.testing.assert_close(args[-2:], want[-2:])

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, kernels
 from . import cells as charlm_cells
 from .config import TrainConfig
 from .device import autocast
@@ -422,6 +422,7 @@ def run_bench(device: torch.device, cells: Sequence[str] = ALL_CELLS,
         raise ValueError(f"the Transformer width {shape.tf_width} is not divisible by its "
                          f"{shape.tf_heads} heads")
     checks: dict = {"max_logit_diff": {}}
+    kernel_uses = kernels.uses
     groups: list[Group] = []
     for cell in cells:
         groups += (transformer_groups(shape, steps, device, checks) if cell == "transformer"
@@ -452,6 +453,7 @@ def run_bench(device: torch.device, cells: Sequence[str] = ALL_CELLS,
                 tqdm.write(line, file=sys.stderr)
     finally:
         bar.close()
+    checks["compiled_lstm_step"] = kernels.uses > kernel_uses
     return _result(contenders, failures, device, shape, repeats, steps, checks)
 
 
@@ -553,6 +555,11 @@ def format_table(result: dict) -> str:
                      f"({verdict} the {kv['target']:g}x target)")
     if d["type"] != "cuda":
         notes.append(f"peak memory: process max RSS {_mib(result['process_max_rss_bytes'])}")
+    ran = result["contenders"]
+    if any(r.get("cell") == "lstm" and r["name"].startswith("charlm") for r in ran):
+        compiled = result["checks"].get("compiled_lstm_step")
+        how = "compiled kernels" if compiled else "eager torch ops"
+        notes.append(f"charlm LSTM step: {how} (charlm/kernels.py; CHARLM_COMPILE=0 for eager)")
     checks = result["checks"]
     bad = [f"{name} logits differ by {diff:.2g}" for name, diff in checks["max_logit_diff"].items()
            if not diff <= SAME_FUNCTION_TOL]

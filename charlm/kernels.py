@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["ENABLED", "MIN_NUMEL", "kernel", "lstm_forward", "lstm_backward"]
+__all__ = ["ENABLED", "MIN_NUMEL", "kernel", "lstm_backward", "lstm_forward"]
 
 ENABLED = os.environ.get("CHARLM_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
 MIN_NUMEL = 4096  # B * H below this: eager (the tests' tiny models, batch-1 sampling)
@@ -108,6 +108,7 @@ def lstm_backward(
 # --------------------------------------------------------------------------------------
 
 _kernels: dict[tuple, Callable[..., object] | None] = {}
+uses = 0  # how many times kernel() handed out a compiled kernel (once per sequence and layer)
 _lock = threading.Lock()
 _warned = False
 
@@ -133,13 +134,16 @@ def kernel(fn: Callable[..., None], *args: Tensor) -> Callable[..., object] | No
         tuple((a.shape, a.stride(), a.dtype) for a in args),
     )
     found = _kernels.get(key, _kernels)
-    if found is not _kernels:
-        return found  # type: ignore[return-value]
-    with _lock:
-        if key not in _kernels:
-            full = len(_kernels) >= _MAX_KERNELS
-            _kernels[key] = None if full else _compile(fn, args)
-        return _kernels[key]
+    if found is _kernels:
+        with _lock:
+            if key not in _kernels:
+                full = len(_kernels) >= _MAX_KERNELS
+                _kernels[key] = None if full else _compile(fn, args)
+            found = _kernels[key]
+    if found is not None:
+        global uses
+        uses += 1
+    return found  # type: ignore[return-value]
 
 
 def _compile(fn: Callable[..., None], args: tuple[Tensor, ...]) -> Callable[..., object] | None:

@@ -81,6 +81,9 @@ def test_table_lists_every_contender(quick_result):
     for c in quick_result["contenders"]:
         assert c["name"] in table
     assert "KV cache speedup" in table and "CHECK FAILED" not in table
+    # The quick shape is below kernels.MIN_NUMEL, so the LSTM ran eagerly, and says so.
+    assert quick_result["checks"]["compiled_lstm_step"] is False
+    assert "charlm LSTM step: eager torch ops" in table
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])

@@ -12,10 +12,12 @@ projection of every time step is one GEMM, and only the recurrence runs in a han
 preallocated buffers (also storing the gate derivatives it will need) and whose backward
 walks it back, with one matmul per step, then computes the recurrent weight gradient as one
 large GEMM over all steps. On x86 CPUs the GEMMs go through oneDNN (the library torch.nn's
-own CPU LSTM uses) and big buffers are recycled across calls (first-touching fresh memory
-costs as much as the arithmetic); sampling (one step at a time, no grad) takes a lean
-single-step path. A layer built with ``fused=False`` runs the plain autograd loop over the
-step functions instead; the tests hold both paths to torch.nn.
+own CPU LSTM uses, with the recurrent weight reordered once per sequence) and big buffers are
+recycled across calls (first-touching fresh memory costs as much as the arithmetic); on the
+CPU the LSTM's per-step gate arithmetic runs as one compiled kernel per step and direction
+(:mod:`charlm.kernels`), falling back to the eager ops here; sampling (one step at a time, no
+grad) takes a lean single-step path. A layer built with ``fused=False`` runs the plain
+autograd loop over the step functions instead; the tests hold every path to torch.nn.
 """
 
 from __future__ import annotations
@@ -549,7 +551,9 @@ def _lstm_scan(
         keep: store the backward factors.
 
     Returns:
-        (hs (T, B, H) all hidden states, c_last (B, H), (fac, k, acts) or None).
+        (hs (T, B, H) all hidden states, c_last (B, H), (fac, k, acts) or None), or what
+        :func:`_lstm_scan_compiled` returns where it runs (CPU, steps of at least
+        ``kernels.MIN_NUMEL`` elements per gate, a compiled kernel available).
     """
     T, B, G = xg.shape
     H = G // 4

@@ -28,6 +28,7 @@ import threading
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from operator import attrgetter
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 _NONLINEARITIES = ("tanh", "relu")
+_version = attrgetter("_version")  # a tensor's in-place modification counter
 
 
 # --------------------------------------------------------------------------------------
@@ -1244,12 +1246,12 @@ class _LayerBase(nn.Module):
         load_state_dict bumps its version, ``.to()`` gives it new data, functional_call
         swaps the tensor; each of these is part of the cache key.
         """
-        params = [self._params(layer) for layer in range(self.num_layers)]
-        flat = [p for ps in params for p in ps if p is not None]
-        key = (dtype, *((id(p), p._version, p.data_ptr()) for p in flat))
+        flat = list(self._parameters.values())  # the layers' weights and biases, nothing else
+        key = (dtype, *map(id, flat), *map(_version, flat), *map(Tensor.data_ptr, flat))
         cached = self.__dict__.get("_inference_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
+        params = [self._params(layer) for layer in range(self.num_layers)]
         with torch.no_grad():
             ws = [[p.to(dtype) if p is not None else None for p in ps] for ps in params]
             w_in = [w[0].t().contiguous() for w in ws]  # type: ignore[union-attr]

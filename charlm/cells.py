@@ -292,7 +292,8 @@ class _Workspace:
         nbytes = math.prod(shape) * like.element_size()
         if self._idle is None or like.device.type != "cpu" or nbytes < self.min_bytes:
             return like.new_empty(shape)
-        key = (shape, like.dtype)
+        # Tensors made under inference_mode cannot be written outside it: separate pools.
+        key = (shape, like.dtype, torch.is_inference_mode_enabled())
         with self._lock:
             for base in self._bases.get(key, ()):
                 if _use_counts(base) == self._idle:
@@ -1178,6 +1179,26 @@ class _LayerBase(nn.Module):
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
 
+    def train(self, mode: bool = True) -> _LayerBase:
+        """Switch train/eval mode; also forgets the sampling path's cached weight copies
+        (``model.eval()`` before sampling is the moment weights stop changing)."""
+        self.clear_caches()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .double(), ...: new weight data
+        self.clear_caches()
+        return super()._apply(fn, recurse)
+
+    def clear_caches(self) -> None:
+        """Forget the copies of the weights that the one-step (sampling) path caches.
+
+        They are rebuilt when a parameter's version, identity or storage changes, after any
+        forward pass with gradients, and on ``train()``/``eval()``. Call this after
+        changing weights in ways torch does not track (writes through ``param.data``).
+        """
+        self.__dict__.pop("_inference_cache", None)
+        self.__dict__.pop("_one_step_scratch", None)
+
     def flatten_parameters(self) -> None:
         """No-op, kept so code written for torch.nn (cuDNN weight packing) runs unchanged."""
 
@@ -1272,17 +1293,23 @@ class _LayerBase(nn.Module):
         return built
 
     def _one_step(
-        self, x: Tensor, states: list[Tensor], expected: tuple[int, int, int], dropout: float
+        self,
+        x: Tensor,
+        states: list[Tensor],
+        expected: tuple[int, int, int],
+        dropout: float,
+        dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
         """Every layer for one time step without autograd (sampling): x (B, I), states
-        (L, B, H) each -> (top layer's h (B, H), new states (L, B, H) each)."""
+        (L, B, H) each -> (top layer's h (B, H), new states (L, B, H) each), computed in
+        ``dtype`` (default: the parameters')."""
         dev = x.device.type
         if torch.is_autocast_enabled(dev):  # the recurrence runs in float32 (see above)
             with torch.autocast(dev, enabled=False):
                 states = [s.float() for s in states]
-                return self._one_step(x.float(), states, expected, dropout)
+                return self._one_step(x.float(), states, expected, dropout, torch.float32)
         L, B, _ = expected
-        dtype = self._parameters["weight_hh_l0"].dtype
+        dtype = dtype or self._parameters["weight_hh_l0"].dtype
         w_in, b_in, w_stack, b_stack = self._inference_weights(dtype)
         scratch = self._scratch(x, B, dtype)
         if b_stack is None:
@@ -1310,7 +1337,8 @@ class _LayerBase(nn.Module):
         """This thread's :class:`_OneStepScratch` for the batch size (threads sampling from
         one model at once each get their own)."""
         table: dict = self.__dict__.setdefault("_one_step_scratch", {})
-        key = (threading.get_ident(), batch, dtype, like.device)
+        inference = torch.is_inference_mode_enabled()  # such buffers stay in that mode
+        key = (threading.get_ident(), batch, dtype, like.device, inference)
         found = table.get(key)
         if found is None:
             if len(table) >= 16:  # dead threads' and old batch sizes' buffers
@@ -1376,10 +1404,15 @@ class _LayerBase(nn.Module):
             or any(p.requires_grad for p in self.parameters())
         )
         dropout = self.dropout if self.training else 0.0
+        if grad:
+            # Weights may change after this (an optimizer step; fused ones do not bump the
+            # parameters' versions), so the sampling path rebuilds its cached copies.
+            self.__dict__.pop("_inference_cache", None)
         if T == 1 and not grad and self.fused:
             # Sampling: one step of every layer on (B, I) directly, no sequence machinery.
             x = input.select(time_dim, 0) if is_batched else input  # (B, I); unbatched (1, I)
             x, out_states = self._one_step(x, states, expected, dropout)
+            x = x.clone()  # the output must not alias h_n (torch.nn returns separate tensors)
             out = x.unsqueeze(time_dim) if is_batched else x
         else:
             last = self.num_layers - 1

@@ -193,6 +193,76 @@ def test_no_grad_paths_match_torch(kind, batch, n_in):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_one_step_path_after_untracked_weight_updates(kind):
+    """Fused optimizers and writes through .data do not bump a parameter's version: a
+    training forward, train()/eval() and clear_caches() must still drop the cached copies."""
+    torch.manual_seed(0)
+    ref, mine = make_layers(kind, True, num_layers=2, batch_first=True)
+    x = torch.randn(1, 1, N_IN)
+
+    def check():
+        ref.load_state_dict(mine.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(mine(x)[0], ref(x)[0], atol=ATOL, rtol=RTOL)
+
+    opt = torch.optim.AdamW(mine.parameters(), lr=1e-2, fused=True)
+    check()  # builds the cache
+    out, _ = mine(torch.randn(4, 10, N_IN))
+    out.sum().backward()
+    opt.step()
+    check()
+    with torch.no_grad():
+        for p in mine.parameters():
+            p.data.mul_(0.5)  # untracked: needs eval() or clear_caches()
+    mine.eval()
+    check()
+    for p in mine.parameters():
+        p.data.mul_(0.5)
+    mine.clear_caches()
+    check()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_step_output_does_not_alias_the_state(kind):
+    _, mine = make_layers(kind, True, num_layers=2)
+    with torch.no_grad():
+        out, state = mine(torch.randn(1, 3, N_IN))
+        h = state[0] if kind == "lstm" else state
+        before = h.clone()
+        out.add_(1)
+    assert torch.equal(h, before)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inference_mode_then_no_grad(kind):
+    """Buffers made under inference_mode are not reused outside it (they could not be
+    written there), for the one-step path and whole sequences."""
+    torch.manual_seed(0)
+    ref, mine = make_layers(kind, True, num_layers=2)
+    for x in (torch.randn(1, 3, N_IN), torch.randn(T, 3, N_IN)):
+        with torch.inference_mode():
+            mine(x)
+        with torch.no_grad():
+            torch.testing.assert_close(mine(x)[0], ref(x)[0], atol=ATOL, rtol=RTOL)
+        out, _ = mine(x)  # and with autograd
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_low_precision_weights_under_autocast_one_step(kind):
+    """bf16 parameters, bf16 input, autocast: the one-step path computes in float32."""
+    torch.manual_seed(0)
+    ref, mine = make_layers(kind, True, num_layers=2)
+    mine.to(torch.bfloat16)
+    x = torch.randn(1, 3, N_IN)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = mine(x.bfloat16())
+    assert out.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(out, ref(x)[0], atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_one_step_path_is_thread_safe(kind):
     """Threads sampling from one layer at once (each with its own scratch buffers) get
     exactly what they would get alone."""

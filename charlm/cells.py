@@ -1349,6 +1349,9 @@ class _LayerBase(nn.Module):
             found = table[key] = _OneStepScratch(like, shape, self._views)
         return found
 
+    # torch.compile of a model around these layers (train.compile) leaves them out: their
+    # recurrence is fused already, and Inductor cannot lower the oneDNN op they call.
+    @torch.compiler.disable
     def _run(
         self, input: Tensor, hx: Sequence[Tensor] | None, n_states: int
     ) -> tuple[Tensor, list[Tensor]]:

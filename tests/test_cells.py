@@ -635,3 +635,28 @@ def test_cuda_matches_torch(kind):
         out, _ = mine(x)
         out.float().sum().backward()
     assert torch.isfinite(out).all()
+
+
+def test_torch_compile_leaves_the_layers_out():
+    """train.compile wraps the whole model in torch.compile: the recurrent layers (fused
+    already, and calling a oneDNN op Inductor cannot lower) run eagerly inside it, and the
+    compiled model computes what the eager one does."""
+    torch.manual_seed(0)
+    _, mine = make_layers("lstm", True, num_layers=2, batch_first=True)
+    head = nn.Linear(N_H, 3)
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    def model(x):
+        return head(mine(x)[0]).square().mean()
+
+    x = torch.randn(9, T, N_IN)  # 9 rows: the oneDNN path
+    want = model(x)
+    torch._dynamo.reset()
+    got = torch.compile(model, backend=recording_backend)(x)
+    torch.testing.assert_close(got, want)
+    assert graphs, "nothing was compiled"
+    assert not any("mkldnn" in g or "Recurrence" in g for g in graphs)

@@ -157,10 +157,13 @@ def _compile(fn: Callable[..., None], args: tuple[Tensor, ...]) -> Callable[...,
         return out
 
     try:
+        import torch._inductor
         from torch.func import functionalize
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        standalone_compile = torch._inductor.standalone_compile  # torch >= 2.8
+        standalone_compile = getattr(torch._inductor, "standalone_compile", None)
+        if standalone_compile is None:
+            raise RuntimeError(f"compiling it needs torch >= 2.8, this is {torch.__version__}")
         tol = 1e-5 if args[0].dtype == torch.float32 else 1e-10
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torch-internal imports

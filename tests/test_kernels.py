@@ -211,3 +211,13 @@ def test_a_wrong_fast_call_path_is_never_used(compiled, monkeypatch):
     kernels.lstm_backward(*want)
     k(*args)
     torch.testing.assert_close(args[-2:], want[-2:])
+
+
+def test_old_torch_says_which_version_it_needs(monkeypatch):
+    monkeypatch.delattr(torch._inductor, "standalone_compile", raising=False)
+    monkeypatch.setattr(kernels, "_kernels", {})
+    monkeypatch.setattr(kernels, "_warned", False)
+    monkeypatch.setattr(kernels, "MIN_NUMEL", 0)
+    args = _random_args(kernels.lstm_forward, 2, 3, torch.float32)
+    with pytest.warns(RuntimeWarning, match=r"needs torch >= 2\.8"):
+        assert kernels.kernel(kernels.lstm_forward, *args) is None

@@ -492,12 +492,12 @@ def _project(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
-def _steps(buf: Tensor, n: int, keep: bool, period: int = 1) -> Sequence[Tensor]:
-    """Per-step views of ``buf``: all of them when keeping, else ``period`` reused ones."""
+def _steps(buf: Tensor, n: int, keep: bool) -> Sequence[Tensor]:
+    """Per-step views of ``buf``: all of them when keeping, else its first one every step."""
     views = buf.unbind(0)
     if keep:
         return views
-    return [views[t % period] for t in range(n)]
+    return [views[0]] * n
 
 
 def _tanh_(x: Tensor, minus_one: Tensor, out: Tensor) -> Tensor:
@@ -560,7 +560,7 @@ def _lstm_scan(
     """
     T, B, G = xg.shape
     H = G // 4
-    if B * H >= kernels.MIN_NUMEL and kernels.ENABLED and xg.device.type == "cpu":
+    if kernels.eligible(xg, B * H):
         compiled = _lstm_scan_compiled(xg, h0, c0, w_hh, keep)
         if compiled is not None:
             return compiled
@@ -829,7 +829,7 @@ def _lstm_backward_compiled(ctx, dhs: Tensor, dc_last: Tensor):
     need = ctx.needs_input_grad
     dh0 = torch.mm(dG_l[0], w_hh) if need[1] else None
     dw = _dw_hh(dG, h0, hs) if need[3] else None
-    return dG, dh0, dc_l[0].clone() if need[2] else None, dw
+    return dG, dh0, dc_l[0] if need[2] else None, dw  # dcs is this call's own buffer
 
 
 class _GRURecurrence(torch.autograd.Function):
@@ -1305,9 +1305,9 @@ class _LayerBase(nn.Module):
         ``dtype`` (default: the parameters')."""
         dev = x.device.type
         if torch.is_autocast_enabled(dev):  # the recurrence runs in float32 (see above)
-            with torch.autocast(dev, enabled=False):
-                states = [s.float() for s in states]
-                return self._one_step(x.float(), states, expected, dropout, torch.float32)
+            ctx, (x, *states) = _float32_region(dev, x, *states)
+            with ctx:
+                return self._one_step(x, states, expected, dropout, torch.float32)
         L, B, _ = expected
         dtype = dtype or self._parameters["weight_hh_l0"].dtype
         w_in, b_in, w_stack, b_stack = self._inference_weights(dtype)

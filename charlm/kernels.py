@@ -33,7 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["ENABLED", "MIN_NUMEL", "kernel", "lstm_backward", "lstm_forward"]
+__all__ = ["ENABLED", "MIN_NUMEL", "eligible", "kernel", "lstm_backward", "lstm_forward"]
 
 ENABLED = os.environ.get("CHARLM_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
 MIN_NUMEL = 4096  # B * H below this: eager (the tests' tiny models, batch-1 sampling)
@@ -115,6 +115,17 @@ _lock = threading.Lock()
 _warned = False
 
 
+def eligible(like: Tensor, numel: int) -> bool:
+    """Whether a step on tensors like ``like``, ``numel`` (= B * H) elements per gate, is
+    one :func:`kernel` would compile: compiling on, CPU, float32/64, big enough."""
+    return (
+        ENABLED
+        and like.device.type == "cpu"
+        and like.dtype in (torch.float32, torch.float64)
+        and numel >= MIN_NUMEL
+    )
+
+
 def kernel(fn: Callable[..., None], *args: Tensor) -> Callable[..., object] | None:
     """A compiled ``fn`` for arguments shaped like ``args``, or None (run ``fn`` eagerly).
 
@@ -122,13 +133,7 @@ def kernel(fn: Callable[..., None], *args: Tensor) -> Callable[..., object] | No
     their contents are left alone). The first argument's last dimension must be H or 4H
     and its first the batch: ``B * H`` decides against :data:`MIN_NUMEL`.
     """
-    first = args[0]
-    if (
-        not ENABLED
-        or first.device.type != "cpu"
-        or first.dtype not in (torch.float32, torch.float64)
-        or args[-1].numel() < MIN_NUMEL  # the last argument is (B, H) in both functions
-    ):
+    if not eligible(args[0], args[-1].numel()):  # the last argument is (B, H) in both
         return None
     key = (
         fn,
@@ -242,9 +247,3 @@ def _warn_once(reason: str) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
-
-
-def clear() -> None:
-    """Forget every compiled kernel (tests; a changed thread count needs no clearing)."""
-    with _lock:
-        _kernels.clear()

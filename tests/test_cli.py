@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from charlm import __version__
+from charlm.checkpoint import load_checkpoint
 from tests.conftest import invoke, sets, tiny_overrides
 
 
@@ -64,7 +65,8 @@ def test_train_sample_eval_every_cell(tmp_path, corpus, cell):
 
 def test_prime_with_unknown_characters_gets_a_notice(tmp_path):
     runs = tmp_path / "runs"
-    invoke("train", "--config", "hello", "--runs-dir", runs)
+    trained = invoke("train", "--config", "hello", "--runs-dir", runs)
+    assert trained.exit_code == 0, trained.stderr
     result = invoke("sample", "--runs-dir", runs, "--prime", "hex", "--length", "3")
     assert result.exit_code == 0
     assert result.stdout.startswith("hex") and "lacks 1 character" in result.stderr
@@ -72,12 +74,20 @@ def test_prime_with_unknown_characters_gets_a_notice(tmp_path):
 
 def test_resume_continues_and_extends(tmp_path, corpus):
     runs = tmp_path / "runs"
-    invoke("train", "--config", "lstm", "--runs-dir", runs, "--name", "r",
-           *sets(tiny_overrides(corpus)))
+    first = invoke("train", "--config", "lstm", "--runs-dir", runs, "--name", "r",
+                   *sets(tiny_overrides(corpus, steps=20)))
+    assert first.exit_code == 0, first.stderr
+    before = (runs / "r" / "metrics.csv").read_text().splitlines()
     result = invoke("train", "--resume", "--name", "r", "--runs-dir", runs,
                     "--set", "train.max_steps=30")
     assert result.exit_code == 0, result.stderr
     assert "30 steps" in result.stderr
+    after = (runs / "r" / "metrics.csv").read_text().splitlines()
+    # The first 20 steps are kept as they were; only later steps were added.
+    assert after[: len(before)] == before
+    new_steps = [int(row.split(",")[0]) for row in after[len(before):]]
+    assert new_steps and min(new_steps) > 20 and max(new_steps) == 30
+    assert load_checkpoint(runs / "r" / "last.pt")["step"] == 30
 
 
 # The catalogue of bad inputs (one `error: ` line each, nothing touched) lives in

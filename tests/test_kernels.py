@@ -160,10 +160,12 @@ def test_failed_compile_warns_once_and_falls_back(monkeypatch):
 def test_no_kernel_when_not_worth_it(why, monkeypatch):
     """Off, below MIN_NUMEL, or not on the CPU: no compile is even attempted."""
     monkeypatch.setattr(kernels, "_compile", lambda fn, args: pytest.fail("compiled"))
+    monkeypatch.setattr(kernels, "_kernels", {})
     monkeypatch.setattr(kernels, "ENABLED", why != "disabled")
+    # Only the "small" case keeps the size threshold, so each case fails on its own reason.
+    monkeypatch.setattr(kernels, "MIN_NUMEL", 10**9 if why == "small" else 0)
     args = _random_args(kernels.lstm_forward, 2, 3, torch.float32)
     if why == "cuda-like":
-        monkeypatch.setattr(kernels, "MIN_NUMEL", 0)
         args = [a.to("meta") for a in args]  # any non-CPU device
     assert kernels.kernel(kernels.lstm_forward, *args) is None
 

@@ -200,7 +200,7 @@ def eval_(
 ) -> None:
     """Loss (nats/char), bits per character and perplexity of a run on its validation split."""
     from .checkpoint import load_run, resolve_checkpoint
-    from .data import decode_corpus, encode_text, load_dataset
+    from .data import decode_corpus, encode_text, load_dataset, read_files
     from .device import resolve_device
     from .evaluate import evaluate_tokens
 
@@ -211,7 +211,7 @@ def eval_(
             raise ValueError(f"--data '{data}' is a directory; give one text file to score")
         if not data.is_file():
             raise FileNotFoundError(f"--data file '{data}' not found")
-        text = decode_corpus(data.read_bytes(), str(data))
+        text = decode_corpus(read_files([data]), str(data))  # as training reads: no BOM
         missing = loaded.vocab.missing(text)
         if missing:
             raise ValueError(f"--data '{data}' has {len(missing)} character(s) the model never "

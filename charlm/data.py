@@ -245,7 +245,8 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _read_files(files: list[Path]) -> bytes:
+def read_files(files: list[Path]) -> bytes:
+    """The bytes of `files` joined in order, each without a UTF-8 byte-order mark."""
     parts = []
     for f in files:
         try:
@@ -260,7 +261,7 @@ def _read_files(files: list[Path]) -> bytes:
 def read_corpus(source: str) -> tuple[bytes, list[Path]]:
     """The raw bytes of a corpus (files joined in order) and the files they came from."""
     files = source_files(source)
-    return _read_files(files), files
+    return read_files(files), files
 
 
 def _corpus_digest(files: list[Path]) -> str:
@@ -360,9 +361,10 @@ def _open_cached(key: str) -> tuple[Vocab, torch.Tensor] | None:
         return None  # a damaged cache entry is rebuilt
 
 
-def _encode_into_cache(raw: bytes, source: str) -> tuple[Vocab, torch.Tensor]:
+def _encode_into_cache(raw: bytes, source: str, key: str) -> tuple[Vocab, torch.Tensor]:
     """Encode `raw` in two passes over pieces (vocabulary, then ids) straight into the token
-    cache file, and memory-map the result; if the cache is not writable, keep it in RAM."""
+    cache file named by `key`, and memory-map the result; if the cache is not writable, keep
+    it in RAM."""
     bad = 0
 
     def pieces() -> Iterator[str]:
@@ -376,7 +378,6 @@ def _encode_into_cache(raw: bytes, source: str) -> tuple[Vocab, torch.Tensor]:
     if bad:
         _warn_undecodable(source, bad)
     lut, dtype = _lookup_table(vocab), token_dtype(len(vocab))
-    key = _sha256(raw)[:24]
     meta_path, tok_path = _cache_paths(key)
     tmp = tok_path.with_name(f"{tok_path.name}.{os.getpid()}.tmp")
     try:
@@ -423,13 +424,16 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     The cache is keyed by the SHA-256 of the corpus bytes, so an edited corpus is re-encoded
     and an unchanged one is only hashed (streamed) and memory-mapped."""
     files = source_files(cfg.source)
-    cached = _open_cached(_corpus_digest(files)[:24])
+    # One key for lookup and write: the digest of the files as stored (a byte-order mark
+    # included), so the corpus is hashed once, and a BOM file hits the cache too.
+    key = _corpus_digest(files)[:24]
+    cached = _open_cached(key)
     if cached is None:
-        raw = _read_files(files)
+        raw = read_files(files)
         # isspace() stops at the first non-space byte; strip() would copy the whole corpus.
         if not raw or raw.isspace():
             raise ValueError(f"data.source '{cfg.source}' is empty: give a file with some text")
-        cached = _encode_into_cache(raw, cfg.source)
+        cached = _encode_into_cache(raw, cfg.source, key)
         del raw
     vocab, tokens = cached
     n = len(tokens)

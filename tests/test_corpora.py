@@ -10,9 +10,11 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from charlm import checkpoint as ck
 from charlm import data as data_module
+from charlm.config import DataConfig
 from tests.conftest import invoke, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,6 +73,24 @@ def test_windows_line_endings_and_byte_order_mark(tmp_path):
     crlf = tmp_path / "crlf.txt"
     crlf.write_bytes(text.encode("utf-8"))
     assert scores(run, "--data", crlf) == scores(run, "--data", unix)
+    # The BOM file itself scores like the same text without one (eval reads as training does)
+    assert scores(run, "--data", corpus) == scores(run, "--data", unix)
+
+
+def test_a_byte_order_mark_corpus_is_encoded_once(tmp_path, monkeypatch):
+    """The token cache is looked up and written under one key, BOM included."""
+    monkeypatch.setenv("CHARLM_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "bom.txt"
+    corpus.write_bytes(b"\xef\xbb\xbf" + ("some text to cache\n" * 50).encode("utf-8"))
+    encoded = []
+    real = data_module._encode_into_cache
+    monkeypatch.setattr(data_module, "_encode_into_cache",
+                        lambda *a: encoded.append(a[1]) or real(*a))
+    first = data_module.load_dataset(DataConfig(source=str(corpus)))
+    second = data_module.load_dataset(DataConfig(source=str(corpus)))
+    assert len(encoded) == 1  # the second load came from the cache
+    assert first.vocab.chars == second.vocab.chars and "\ufeff" not in first.vocab.chars
+    assert torch.equal(first.train, second.train)
 
 
 @pytest.mark.parametrize("chunk", range(4, 12))

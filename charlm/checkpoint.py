@@ -29,9 +29,14 @@ def default_run_name(cell: str) -> str:
     return f"{cell}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+def _safe_name(name: str) -> bool:
+    """A run name that stays inside the runs directory (no `../x`, `/etc/x`, ...)."""
+    return bool(_NAME_RE.match(name)) and ".." not in name
+
+
 def check_run_name(name: str) -> str:
     """Refuse names that could escape the runs directory (`../x`, `/etc/x`, ...)."""
-    if not _NAME_RE.match(name) or ".." in name:
+    if not _safe_name(name):
         raise ValueError(
             f"--name '{name}' is not a valid run name: use letters, digits, '.', '_' and '-' "
             "(no '/', no '..', not starting with '.')"
@@ -62,7 +67,7 @@ def find_latest(runs_dir: Path) -> Path:
         name = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
     except (OSError, UnicodeDecodeError):
         name = ""
-    if name and _NAME_RE.match(name) and ".." not in name and (runs_dir / name).is_dir():
+    if name and _safe_name(name) and (runs_dir / name).is_dir():
         return runs_dir / name
     candidates = [p.parent for p in runs_dir.glob("*/last.pt")]
     if not candidates:

@@ -152,7 +152,7 @@ def prepare(configs: list[str], overrides: list[str] | None, params: str | None,
         if key not in datasets:
             datasets[key] = load_dataset(cfg.data)
         ds = datasets[key]
-        check_lengths(ds, cfg.train.batch_size, cfg.train.seq_len)
+        check_lengths(ds, cfg.train.seq_len)
         resolve_device(cfg.train.device)
         if target is not None:
             cfg, count = size_to_params(cfg, len(ds.vocab), target)

@@ -184,7 +184,7 @@ def set_key(cfg: Config, dotted: str, value: Any) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """Split `train.lr=1e-3` into a key and a YAML-parsed value."""
+    """Split `train.lr=1e-3` into a key and a YAML-parsed value (text keys keep the text)."""
     if "=" not in text:
         raise ValueError(f"--set expects key=value (e.g. train.lr=1e-3), got '{text}'")
     key, raw = text.split("=", 1)
@@ -201,6 +201,10 @@ def parse_override(text: str) -> tuple[str, Any]:
             value = float(value) if any(c in value for c in ".eE") else int(value)
         except ValueError:
             pass
+    if value is not None and not isinstance(value, str) and _is_text_key(key):
+        # a file or cell name that YAML reads as a number, date or bool (`1e3`, `0123`,
+        # `yes`) is kept exactly as typed
+        value = raw.strip()
     return key, value
 
 
@@ -220,12 +224,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
     problems = []
     for text in overrides or []:
         try:
-            key, value = parse_override(text)
-            if value is not None and not isinstance(value, str) and _is_text_key(key):
-                # a file or cell name that YAML reads as a number, date or bool (`1e3`, `0123`,
-                # `yes`) is kept exactly as typed
-                value = text.split("=", 1)[1].strip()
-            set_key(cfg, key, value)
+            set_key(cfg, *parse_override(text))
         except ValueError as e:
             problems.append(str(e))
     if problems:

@@ -444,7 +444,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     return Dataset(vocab, tokens[:n_train], tokens[n_train:], cfg.source, n)
 
 
-def check_lengths(ds: Dataset, batch_size: int, seq_len: int, world_size: int = 1) -> None:
+def check_lengths(ds: Dataset, seq_len: int) -> None:
     """Fail early, naming the keys to change, if the splits are too short to batch."""
     need = seq_len + 1
     if len(ds.train) < need:

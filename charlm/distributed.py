@@ -74,7 +74,7 @@ def is_main() -> bool:
 def setup() -> Context:
     """Join the process group torchrun describes (idempotent); a no-op for one process."""
     ctx = from_env()
-    if not ctx.active or (dist.is_available() and dist.is_initialized()):
+    if not ctx.active or _initialized():
         return ctx
     if not dist.is_available():
         raise ValueError("this PyTorch build has no torch.distributed: train with one process "
@@ -91,7 +91,7 @@ def setup() -> Context:
 
 def cleanup() -> None:
     """Leave the process group (safe to call when none was joined)."""
-    if dist.is_available() and dist.is_initialized():
+    if _initialized():
         # Leave together: a rank that tears down its gloo pairs while a peer is still
         # finishing its last collective can abort the peer at exit.
         dist.barrier()
@@ -136,21 +136,17 @@ def wrap(model: nn.Module, device: torch.device, ctx: Context) -> nn.Module:
         model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def barrier() -> None:
-    """Wait until every rank gets here."""
-    if _initialized():
-        dist.barrier()
-
-
 @contextmanager
 def main_first() -> Iterator[None]:
     """Rank 0 runs the block first, then the others: e.g. rank 0 encodes the token cache and
     the other ranks then find it ready instead of each encoding the corpus again."""
     if _initialized() and dist.get_rank() != 0:
         dist.barrier()
-    yield
-    if _initialized() and dist.get_rank() == 0:
-        dist.barrier()
+    try:
+        yield
+    finally:  # rank 0 failing in the block must still release the others, not hang them
+        if _initialized() and dist.get_rank() == 0:
+            dist.barrier()
 
 
 # torch's broadcast_object_list/all_gather_object turn tensors back into bytes through NumPy,

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
 from . import distributed
-from .config import Config, apply_overrides, config_to_yaml, from_dict, validate
+from .config import Config, apply_overrides, config_to_yaml, from_dict, load_config, validate
 from .data import RandomBatcher, StreamBatcher, check_lengths, eval_batches, load_dataset
 from .device import autocast, resolve_device
 from .evaluate import bits_per_char, estimate_loss
@@ -202,7 +202,7 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
     # is past _prepare_run's checks before rank 0 creates the run directory below.
     with distributed.main_first():
         ds = load_dataset(cfg.data)
-    check_lengths(ds, t.batch_size, t.seq_len, ctx.world_size)
+    check_lengths(ds, t.seq_len)
     if resumed is not None:
         distributed.check_resume_world_size(resumed.get("world_size", 1), ctx, run_dir)
     if resumed is not None and resumed["vocab"] != ds.vocab.chars:
@@ -432,15 +432,10 @@ def _prepare_run(cfg: Config | None, runs_dir: Path, name: str | None, resume: b
                 "before training began); remove that directory or choose another --name")
         # Stopped before its first checkpoint: nothing was learnt, and a run started over from
         # step 0 with the same config and seed is exactly the run that was interrupted.
-        from .config import load_yaml
-
-        origin = str(run_dir / "config.yaml")
-        saved = validate(from_dict(load_yaml(run_dir / "config.yaml"), origin=origin))
-        new = validate(apply_overrides(cfg if cfg is not None else saved, overrides))
-        check_resume_compatible(saved, new)
-        return run_dir, new, None
-    resumed = ckpt_io.load_checkpoint(source)
-    saved = validate(from_dict(resumed["config"], origin=str(source)))
+        resumed, saved = None, load_config(str(run_dir / "config.yaml"))
+    else:
+        resumed = ckpt_io.load_checkpoint(source)
+        saved = validate(from_dict(resumed["config"], origin=str(source)))
     # Keys not locked (max_steps, max_time, device, lr, ...) may change on resume.
     new = validate(apply_overrides(cfg if cfg is not None else saved, overrides))
     check_resume_compatible(saved, new)

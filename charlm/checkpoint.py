@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import zipfile
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,16 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 def default_run_name(cell: str) -> str:
     return f"{cell}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def unique_name(base: str, taken: Callable[[str], bool]) -> str:
+    """`base`, or `base-2`, `base-3`, ... (up to `base-999`): the first that is not `taken`."""
+    name = base
+    for i in range(2, 1000):
+        if not taken(name):
+            break
+        name = f"{base}-{i}"
+    return name
 
 
 def _safe_name(name: str) -> bool:

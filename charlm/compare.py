@@ -19,7 +19,6 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -125,12 +124,11 @@ def size_to_params(cfg: Config, vocab_size: int, target: int) -> tuple[Config, i
 
 def default_out_dir(runs_dir: str | Path) -> Path:
     """A new `compare-<timestamp>` folder inside the runs directory (not created here)."""
-    base = f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    runs_dir, name = Path(runs_dir), base
-    for i in range(2, 1000):  # two comparisons started in the same second get distinct names
-        if not (runs_dir / name).exists() and not any(runs_dir.glob(f"{name}-*")):
-            break
-        name = f"{base}-{i}"
+    runs_dir = Path(runs_dir)
+    # two comparisons started in the same second get distinct names
+    name = ckpt_io.unique_name(
+        ckpt_io.default_run_name("compare"),
+        lambda n: (runs_dir / n).exists() or any(runs_dir.glob(f"{n}-*")))
     return runs_dir / name
 
 
@@ -159,12 +157,8 @@ def prepare(configs: list[str], overrides: list[str] | None, params: str | None,
             if log:
                 log(f"{config}: model.hidden_size={cfg.model.hidden_size} -> {count:,} "
                     f"parameters (target {target:,})")
-        name = base = f"{prefix}-{cfg.model.cell}"
         taken = {c.name for c in contenders}
-        for i in range(2, 1000):
-            if name not in taken:
-                break
-            name = f"{base}-{i}"
+        name = ckpt_io.unique_name(f"{prefix}-{cfg.model.cell}", taken.__contains__)
         ckpt_io.check_run_name(name)
         if (Path(runs_dir) / name).exists():
             raise ValueError(f"run '{Path(runs_dir) / name}' already exists; pass another --out "

@@ -407,11 +407,8 @@ def _prepare_run(cfg: Config | None, runs_dir: Path, name: str | None, resume: b
             raise ValueError("no config given: pass --config (a preset name or a YAML file)")
         cfg = validate(apply_overrides(cfg, overrides))
         if name is None:  # default names are unique even for runs started in the same second
-            name = base = ckpt_io.default_run_name(cfg.model.cell)
-            for i in range(2, 1000):
-                if not (runs_dir / name).exists():
-                    break
-                name = f"{base}-{i}"
+            name = ckpt_io.unique_name(ckpt_io.default_run_name(cfg.model.cell),
+                                       lambda n: (runs_dir / n).exists())
             name = distributed.broadcast_object(name)  # rank 0's choice, for every rank
         return ckpt_io.new_run_dir(runs_dir, name), cfg, None
     if name is None:

@@ -116,25 +116,24 @@ def parse_cells(text: str) -> list[str]:
 # ---------------------------------------------------------------------------- models
 
 
-def build_recurrent_pair(cell: str, shape: BenchShape, hidden: int, device: torch.device,
-                         seed: int = 0) -> tuple[RecurrentLM, RecurrentLM]:
+def build_recurrent_pair(cell: str, shape: BenchShape, hidden: int,
+                         device: torch.device) -> tuple[RecurrentLM, RecurrentLM]:
     """(charlm, torch.nn) RecurrentLMs of identical shape computing the same function: the
     torch.nn one loads the charlm one's state dict (the cells use torch.nn's parameter names)."""
     def lm(bodies: dict[str, Callable[..., nn.Module]]) -> RecurrentLM:
         body = bodies[cell](hidden, hidden, num_layers=shape.num_layers, batch_first=True)
         return RecurrentLM(body, shape.vocab_size, hidden, dropout=0.0)
 
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     ours, theirs = lm(CHARLM_BODIES), lm(NN_BODIES)
     theirs.load_state_dict(ours.state_dict())
     # .to() after loading: torch.nn re-packs its weights for cuDNN when it moves.
     return ours.to(device), theirs.to(device)
 
 
-def build_transformer(shape: BenchShape, context: int, device: torch.device,
-                      seed: int = 0) -> TransformerLM:
+def build_transformer(shape: BenchShape, context: int, device: torch.device) -> TransformerLM:
     """The Transformer baseline at the bench's width/depth with the given context."""
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     return TransformerLM(shape.vocab_size, shape.tf_width, shape.tf_layers, shape.tf_heads,
                          context_len=context, dropout=0.0).to(device)
 
@@ -182,16 +181,15 @@ def time_training(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.T
 
 @torch.no_grad()
 def generate_ids(model: nn.Module, n_chars: int, device: torch.device, *,
-                 temperature: float = 1.0, recompute_context: int | None = None,
-                 prime: int = 0) -> list[int]:
-    """`n_chars` ids continuing the id `prime`, one at a time in eval mode, with the per-step
+                 temperature: float = 1.0, recompute_context: int | None = None) -> list[int]:
+    """`n_chars` ids continuing id 0, one at a time in eval mode, with the per-step
     work of `charlm.sample.generate`: a forward of one character, then `pick_next`.
 
     With `recompute_context` the state is thrown away: every step runs the model on the last
     `recompute_context` characters from scratch (what sampling costs without a KV cache)."""
     was_training = model.training
     model.eval()
-    history = torch.tensor([[prime]], device=device)
+    history = torch.tensor([[0]], device=device)
     ids: list[int] = []
     try:
         logits, state = model(history, None)
@@ -211,9 +209,9 @@ def generate_ids(model: nn.Module, n_chars: int, device: torch.device, *,
 
 
 def time_sampling(model: nn.Module, n_chars: int, device: torch.device, *,
-                  recompute_context: int | None = None, seed: int = 0) -> float:
+                  recompute_context: int | None = None) -> float:
     """Seconds to sample `n_chars` characters (temperature 1) with `generate_ids`."""
-    torch.manual_seed(seed)  # the same draws for every contender and repeat
+    torch.manual_seed(0)  # the same draws for every contender and repeat
     synchronize(device)
     start = time.perf_counter()
     generate_ids(model, n_chars, device, recompute_context=recompute_context)

@@ -32,8 +32,6 @@ from .data import check_lengths, load_dataset
 from .device import autocast, resolve_device
 from .model import build_model, count_parameters
 
-FIELDS = ["config", "cell", "run", "params", "hidden_size", "steps", "tokens_per_s",
-          "wall_time_s", "best_val_loss", "val_bpc", "device"]
 PLOT_HINT = 'pip install "charlm[plot]"'
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
 
@@ -53,6 +51,9 @@ class Row:
     best_val_loss: float
     val_bpc: float
     device: str
+
+
+FIELDS = [f.name for f in dataclasses.fields(Row)]  # the columns of compare.csv
 
 
 @dataclass

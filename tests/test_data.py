@@ -182,6 +182,16 @@ def test_vocab_missing_characters():
     assert Vocab("abc").missing("abxcyx") == ["x", "y"]
 
 
+def test_split_rounds_as_nanogpt_at_tinyshakespeare_size(tmp_path, monkeypatch):
+    """Without ../shared too: 1,115,394 characters split into nanoGPT's 1,003,854 + 111,540
+    (train = int(0.9 n)), the figures every published tiny shakespeare loss uses."""
+    monkeypatch.setenv("CHARLM_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "same-size.txt"
+    corpus.write_bytes((b"abcdefghij\n" * 101_400)[:1_115_394])
+    ds = load_dataset(DataConfig(source=str(corpus)))
+    assert (len(ds.train), len(ds.val)) == (1_003_854, 111_540)
+
+
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="needs ../shared/data/tinyshakespeare.txt")
 def test_tinyshakespeare_split_matches_nanogpt():
     """65 characters, 1,003,854 training and 111,540 validation characters: nanoGPT's split."""

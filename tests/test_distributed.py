@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from charlm import distributed
 from charlm.checkpoint import load_checkpoint
 from charlm.cli import app
+from charlm.config import load_config
 from charlm.data import StreamBatcher
 from charlm.train import train
 
@@ -51,7 +52,7 @@ def test_two_processes_learn_hello_and_write_one_run(hello_run):
     assert len(list(hello_run.rglob("metrics.csv"))) == 1
     assert (hello_run / "LATEST").read_text().strip() == runs[0].name
     ckpt = load_checkpoint(runs[0] / "last.pt")
-    assert ckpt["world_size"] == 2 and ckpt["step"] == 300
+    assert ckpt["world_size"] == 2 and ckpt["step"] == load_config("hello").train.max_steps
     assert len(ckpt["rng"]) == len(ckpt["data_state"]) == len(ckpt["hidden_state"]) == 2
     # the checkpoint holds the plain module's weights (no DistributedDataParallel prefix)
     assert not any(k.startswith("module.") for k in ckpt["model"])

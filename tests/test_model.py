@@ -69,6 +69,19 @@ def test_transformer_cache_restarts_past_context():
     vocab = Vocab("abcdefghijk")
     text = "".join(generate(model, vocab, "abc", 40, temperature=0, device="cpu"))
     assert len(text) == 40  # 3 + 40 characters exceed the 12-character context without error
+    # Step by step past the context: every step's logits equal a fresh forward over the
+    # window the cache holds (a full cache restarts from its last half context).
+    ctx = model.context_len
+    ids = torch.randint(11, (1, 3 * ctx), generator=torch.Generator().manual_seed(1))
+    window: list[int] = []
+    state = None
+    with torch.no_grad():
+        for t in range(ids.size(1)):
+            c = int(ids[0, t])
+            window = (window + [c])[-(ctx // 2):] if len(window) + 1 > ctx else window + [c]
+            logits, state = model(ids[:, t : t + 1], state)
+            want, _ = model(torch.tensor([window]), None)
+            torch.testing.assert_close(logits[:, -1], want[:, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_pick_next_filters():

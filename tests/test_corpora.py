@@ -93,9 +93,12 @@ def test_a_byte_order_mark_corpus_is_encoded_once(tmp_path, monkeypatch):
     assert torch.equal(first.train, second.train)
 
 
-@pytest.mark.parametrize("chunk", range(4, 12))
-def test_decoding_in_chunks_never_splits_a_character_or_a_crlf(monkeypatch, chunk):
-    text = "안녕\r\n世界🌍👩‍💻 é\r\n\r\nab\rc" * 3
+@pytest.mark.parametrize("text", [
+    "안녕\r\n世界🌍👩‍💻 é\r\n\r\nab\rc" * 3,
+    "ab\r\ncé\r\n中文\r\n🙂x\r\r\nend 🙂é\n" * 7,  # a lone CR right before a CRLF
+])
+@pytest.mark.parametrize("chunk", range(4, 14))  # cut at every possible offset
+def test_decoding_in_chunks_never_splits_a_character_or_a_crlf(monkeypatch, chunk, text):
     monkeypatch.setattr(data_module, "_CHUNK_BYTES", chunk)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a split character would be reported as undecodable

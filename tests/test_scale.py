@@ -31,13 +31,6 @@ def test_glob_of_files_is_one_corpus(tmp_path):
     assert ds.vocab.decode(ds.train) == "AAAA\nBBBB\nCCCC\n"  # sorted paths, joined
 
 
-@pytest.mark.parametrize("chunk", [4, 5, 6, 7, 8, 13])
-def test_piecewise_decoding_equals_whole_decoding(monkeypatch, chunk):
-    raw = MIXED.encode("utf-8")
-    monkeypatch.setattr(data, "_CHUNK_BYTES", chunk)  # cut at every possible offset
-    assert decode_corpus(raw, "mixed") == MIXED.replace("\r\n", "\n")
-
-
 @pytest.mark.parametrize("chunk", [4, 7, 9])
 def test_piecewise_decoding_of_invalid_bytes(monkeypatch, chunk):
     raw = b"caf\xe9 cr\xe8me \xff\xfe ok" * 5  # latin-1 and stray bytes: 4 bad per copy

@@ -4,6 +4,7 @@ the world size and resume exactly; plus the single-process behaviour of charlm.d
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,17 @@ def torchrun(tmp: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProce
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", "charlm", "train", "--device", "cpu",
            "--runs-dir", str(tmp / "runs"), *args]
-    out = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=240)
+    # Its own process group, so that a run that hangs is killed with all its ranks instead of
+    # leaving orphans that load the machine for the tests after it.
+    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"torchrun hung for 240 s:\n{stderr[-3000:]}") from None
+    out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -95,6 +96,12 @@ def cleanup() -> None:
         # Leave together: a rank that tears down its gloo pairs while a peer is still
         # finishing its last collective can abort the peer at exit.
         dist.barrier()
+        # Gloo's worker threads free finished work (and its tensors) after the fact, which
+        # needs the GIL; the group's destructor joins those threads while holding the GIL. A
+        # worker caught mid-free then deadlocks the rank at exit (seen in gdb:
+        # ~ProcessGroupGloo -> thread::join vs. decref_pyobject -> take_gil). Sleeping
+        # releases the GIL so they finish first.
+        time.sleep(0.1)
         dist.destroy_process_group()
 
 

@@ -395,6 +395,9 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
     # a resumed run that had nothing left to do (rank 0 decides: it alone sees the files)
     if distributed.broadcast_object(not (run_dir / "last.pt").exists()):
         save("last.pt")
+    # The DDP wrapper's reducer holds the process group: free it now, while the group is
+    # alive, not at some later garbage collection after the group was torn down.
+    del fwd, wrapped
     distributed.cleanup()
     return TrainResult(run_dir, step, best_val, elapsed, tokens_per_s, params)
 

@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import __version__, kernels
+from . import __version__
 from . import cells as charlm_cells
+from .cells.fused import inductor
 from .config import TrainConfig
 from .device import autocast
 from .model import RecurrentLM, detach_state
@@ -420,7 +421,7 @@ def run_bench(device: torch.device, cells: Sequence[str] = ALL_CELLS,
         raise ValueError(f"the Transformer width {shape.tf_width} is not divisible by its "
                          f"{shape.tf_heads} heads")
     checks: dict = {"max_logit_diff": {}}
-    kernel_uses = kernels.uses
+    kernel_uses = inductor.uses
     groups: list[Group] = []
     for cell in cells:
         groups += (transformer_groups(shape, steps, device, checks) if cell == "transformer"
@@ -451,7 +452,7 @@ def run_bench(device: torch.device, cells: Sequence[str] = ALL_CELLS,
                 tqdm.write(line, file=sys.stderr)
     finally:
         bar.close()
-    checks["compiled_lstm_step"] = kernels.uses > kernel_uses
+    checks["compiled_lstm_step"] = inductor.uses > kernel_uses
     return _result(contenders, failures, device, shape, repeats, steps, checks)
 
 
@@ -557,7 +558,8 @@ def format_table(result: dict) -> str:
     if any(r.get("cell") == "lstm" and r["name"].startswith("charlm") for r in ran):
         compiled = result["checks"].get("compiled_lstm_step")
         how = "compiled kernels" if compiled else "eager torch ops"
-        notes.append(f"charlm LSTM step: {how} (charlm/kernels.py; CHARLM_COMPILE=0 for eager)")
+        notes.append(f"charlm LSTM step: {how} (charlm/cells/fused/inductor.py; "
+                     "CHARLM_COMPILE=0 for eager)")
     checks = result["checks"]
     bad = [f"{name} logits differ by {diff:.2g}" for name, diff in checks["max_logit_diff"].items()
            if not diff <= SAME_FUNCTION_TOL]

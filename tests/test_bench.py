@@ -90,7 +90,7 @@ def test_table_lists_every_contender(quick_result):
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_both_contenders_share_parameters_and_compute_the_same_function(cell):
     ours, theirs = build_recurrent_pair(cell, quick_shape(), 24, CPU)
-    assert type(ours.rnn).__module__ == "charlm.cells"
+    assert type(ours.rnn).__module__.startswith("charlm.cells")
     assert type(theirs.rnn).__module__.startswith("torch.nn")
     theirs_sd = theirs.state_dict()
     for name, p in ours.state_dict().items():

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from charlm import cells
+from charlm.cells.fused import WORKSPACE, bptt, gemm
 
 KINDS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
 N_IN, N_H, T = 5, 7, 6  # input size, hidden size, sequence length
@@ -28,7 +29,7 @@ ATOL = RTOL = 1e-5
 def recycle_small_buffers(monkeypatch):
     """Route even these tiny buffers through the workspace, so that every test also checks
     that recycled memory is never handed out while still in use."""
-    monkeypatch.setattr(cells._WORKSPACE, "min_bytes", 0)
+    monkeypatch.setattr(WORKSPACE, "min_bytes", 0)
 
 
 def make_layers(
@@ -143,7 +144,7 @@ def test_layer_unbatched_matches_torch(kind, fused, with_hx):
 @pytest.mark.parametrize("kind", KINDS)
 def test_layer_gemm_backends_match_torch(kind, batch, use_onednn, monkeypatch):
     """Batches of 8+ rows take the oneDNN GEMM where available; smaller ones addmm."""
-    monkeypatch.setattr(cells, "USE_ONEDNN", use_onednn)
+    monkeypatch.setattr(gemm, "USE_ONEDNN", use_onednn)
     torch.manual_seed(0)
     ref, mine = make_layers(kind, True, num_layers=2, batch_first=True)
     g = torch.Generator().manual_seed(3)
@@ -324,7 +325,7 @@ def test_one_step_path_sees_every_weight_change(kind, bias, n_in):
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
 def test_workspace_reuses_only_idle_buffers(kind):
     # The probe of torch's private use counts must pass, or recycling (and its speed) is off.
-    assert cells._WORKSPACE._idle is not None, "buffer recycling disabled on this torch"
+    assert WORKSPACE._idle is not None, "buffer recycling disabled on this torch"
     torch.manual_seed(0)
     _, layer = make_layers(kind, num_layers=2)
     g = torch.Generator().manual_seed(8)
@@ -335,14 +336,14 @@ def test_workspace_reuses_only_idle_buffers(kind):
     (out1.sum() + out2.sum()).backward()
     torch.testing.assert_close(out1.detach(), kept, atol=0, rtol=0)
     assert out1.data_ptr() != out2.data_ptr()
-    pooled = {b.data_ptr() for bases in cells._WORKSPACE._bases.values() for b in bases}
+    pooled = {b.data_ptr() for bases in WORKSPACE._bases.values() for b in bases}
     assert out1.data_ptr() in pooled
-    n_bytes = cells._WORKSPACE._bytes
+    n_bytes = WORKSPACE._bytes
     del out1, out2
     again, _ = layer(x1)  # served from idle buffers: the pool does not grow
     again.sum().backward()
     assert again.data_ptr() in pooled
-    assert cells._WORKSPACE._bytes == n_bytes
+    assert WORKSPACE._bytes == n_bytes
     torch.testing.assert_close(again.detach(), kept, atol=0, rtol=0)
 
 
@@ -417,7 +418,7 @@ def test_gradcheck_rnn_function(relu):
         with torch.no_grad():
             xg.add_(torch.sign(xg) * 0.2)
     assert torch.autograd.gradcheck(
-        lambda a, b, c: cells._RNNRecurrence.apply(a, b, c, relu), (xg, h0, w)
+        lambda a, b, c: bptt.RNNRecurrence.apply(a, b, c, relu), (xg, h0, w)
     )
 
 
@@ -429,7 +430,7 @@ def test_gradcheck_lstm_function():
         _f64(B, Hn, seed=2),
         _f64(4 * Hn, Hn, seed=3),
     )
-    assert torch.autograd.gradcheck(cells._LSTMRecurrence.apply, args)
+    assert torch.autograd.gradcheck(bptt.LSTMRecurrence.apply, args)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -437,7 +438,7 @@ def test_gradcheck_gru_function(bias):
     Tn, B, Hn = 4, 2, 3
     b = _f64(3 * Hn, seed=4) if bias else None
     args = (_f64(Tn, B, 3 * Hn, seed=0), _f64(B, Hn, seed=1), _f64(3 * Hn, Hn, seed=3), b)
-    assert torch.autograd.gradcheck(cells._GRURecurrence.apply, args)
+    assert torch.autograd.gradcheck(bptt.GRURecurrence.apply, args)
 
 
 @pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru"])
@@ -526,9 +527,6 @@ def test_dropout_warns_for_one_layer():
         (lambda: cells.LSTM(N_IN, N_H, num_layers=2, dropout=1.5), "dropout"),
         (lambda: cells.GRU(N_IN, N_H, num_layers=2, dropout=-0.1), "dropout"),
         (lambda: cells.RNN(N_IN, N_H, num_layers=2, dropout=True), "dropout"),
-        (lambda: cells.LSTM(N_IN, N_H, bidirectional=True), "bidirectional.*not supported"),
-        (lambda: cells.GRU(N_IN, N_H, bidirectional=True), "bidirectional.*not supported"),
-        (lambda: cells.LSTM(N_IN, N_H, proj_size=2), "proj_size.*not supported"),
         (lambda: cells.LSTM(N_IN, 0), "hidden_size"),
         (lambda: cells.GRU(0, N_H), "input_size"),
         (lambda: cells.RNN(N_IN, N_H, num_layers=0), "num_layers"),

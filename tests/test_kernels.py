@@ -1,4 +1,5 @@
-"""Tests for charlm.kernels: the compiled LSTM step kernels and the layer path that uses them.
+"""Tests for charlm.cells.fused.inductor: the compiled LSTM step kernels and the layer path
+that uses them.
 
 The kernels are compiled for real (Inductor, once per shape; a few seconds the first time,
 then from Inductor's disk cache), so the shapes here are few and tiny; ``MIN_NUMEL`` is
@@ -17,7 +18,7 @@ import pytest
 import torch
 from test_cells import assert_same, initial_state, make_layers
 
-from charlm import cells, kernels
+from charlm.cells.fused import bptt, inductor, lstm_step
 
 N_IN, N_H, T = 5, 7, 6  # as in test_cells
 
@@ -30,17 +31,17 @@ needs_compiler = pytest.mark.skipif(
 @pytest.fixture
 def compiled(monkeypatch):
     """Let tiny steps qualify for compiled kernels, and report the kernels used."""
-    monkeypatch.setattr(kernels, "ENABLED", True)
-    monkeypatch.setattr(kernels, "MIN_NUMEL", 0)
+    monkeypatch.setattr(inductor, "ENABLED", True)
+    monkeypatch.setattr(inductor, "MIN_NUMEL", 0)
     used: list[object] = []
-    real = kernels.kernel
+    real = inductor.kernel
 
     def spy(fn, *args):
         k = real(fn, *args)
         used.append((fn, k))
         return k
 
-    monkeypatch.setattr(kernels, "kernel", spy)
+    monkeypatch.setattr(inductor, "kernel", spy)
     return used
 
 
@@ -49,7 +50,7 @@ def _random_args(fn, B: int, H: int, dtype: torch.dtype) -> list[torch.Tensor]:
     wide, narrow = (B, 4 * H), (B, H)
     shapes = (
         [wide, wide, narrow, wide, narrow, narrow]
-        if fn is kernels.lstm_forward
+        if fn is lstm_step.lstm_forward
         else [narrow, narrow, narrow, wide, narrow, narrow, wide, narrow]
     )
     return [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
@@ -57,16 +58,16 @@ def _random_args(fn, B: int, H: int, dtype: torch.dtype) -> list[torch.Tensor]:
 
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("fn", [kernels.lstm_forward, kernels.lstm_backward])
+@pytest.mark.parametrize("fn", [lstm_step.lstm_forward, lstm_step.lstm_backward])
 def test_compiled_kernel_matches_eager_reference(fn, dtype, compiled):
     args = _random_args(fn, 3, 5, dtype)
-    k = kernels.kernel(fn, *args)
+    k = inductor.kernel(fn, *args)
     assert k is not None, "Inductor did not compile the kernel"
     want = [a.clone() for a in args]
     fn(*want)
     got = [a.clone() for a in args]
     k(*got)
-    n_out = 3 if fn is kernels.lstm_forward else 2
+    n_out = 3 if fn is lstm_step.lstm_forward else 2
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     for a, b in zip(got[-n_out:], want[-n_out:], strict=True):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
@@ -85,7 +86,7 @@ def test_compiled_lstm_layer_matches_torch(batch_first, compiled):
     assert_same(ref, mine, x, initial_state("lstm", (2, B, N_H), g))
     assert_same(ref, mine, x, None)
     kinds = {fn for fn, k in compiled if k is not None}
-    assert kinds == {kernels.lstm_forward, kernels.lstm_backward}, "compiled path not taken"
+    assert kinds == {lstm_step.lstm_forward, lstm_step.lstm_backward}, "compiled path not taken"
 
 
 @needs_compiler
@@ -97,7 +98,7 @@ def test_compiled_lstm_eval_matches_torch(compiled):
         (o_r, (h_r, c_r)), (o_m, (h_m, c_m)) = ref(x), mine(x)
     for a, b in ((o_m, o_r), (h_m, h_r), (c_m, c_r)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert any(k is not None for fn, k in compiled if fn is kernels.lstm_forward)
+    assert any(k is not None for fn, k in compiled if fn is lstm_step.lstm_forward)
 
 
 @needs_compiler
@@ -109,19 +110,19 @@ def test_gradcheck_compiled_lstm_function(compiled):
 
     Tn, B, Hn = 4, 2, 3
     args = (f64(Tn, B, 4 * Hn), f64(B, Hn), f64(B, Hn), f64(4 * Hn, Hn))
-    assert torch.autograd.gradcheck(cells._LSTMRecurrence.apply, args)
+    assert torch.autograd.gradcheck(bptt.LSTMRecurrence.apply, args)
     assert {fn for fn, k in compiled if k is not None} == {
-        kernels.lstm_forward,
-        kernels.lstm_backward,
+        lstm_step.lstm_forward,
+        lstm_step.lstm_backward,
     }
 
 
 @needs_compiler
 def test_eager_backward_reference_matches_torch(compiled, monkeypatch):
     """A compiled forward with the backward step run eagerly (its fallback) is exact too."""
-    real = kernels.kernel
+    real = inductor.kernel
     monkeypatch.setattr(
-        kernels, "kernel", lambda fn, *a: None if fn is kernels.lstm_backward else real(fn, *a)
+        inductor, "kernel", lambda fn, *a: None if fn is lstm_step.lstm_backward else real(fn, *a)
     )
     torch.manual_seed(0)
     ref, mine = make_layers("lstm", True, num_layers=2, batch_first=True)
@@ -135,10 +136,10 @@ def test_failed_compile_warns_once_and_falls_back(monkeypatch):
         raise RuntimeError("no compiler here\nsecond line")
 
     monkeypatch.setattr(torch._inductor, "standalone_compile", broken, raising=False)
-    monkeypatch.setattr(kernels, "_kernels", {})
-    monkeypatch.setattr(kernels, "_warned", False)
-    monkeypatch.setattr(kernels, "ENABLED", True)
-    monkeypatch.setattr(kernels, "MIN_NUMEL", 0)
+    monkeypatch.setattr(inductor, "_kernels", {})
+    monkeypatch.setattr(inductor, "_warned", False)
+    monkeypatch.setattr(inductor, "ENABLED", True)
+    monkeypatch.setattr(inductor, "MIN_NUMEL", 0)
     torch.manual_seed(0)
     ref, mine = make_layers("lstm", True, num_layers=1)
     x = torch.randn(T, 3, N_IN)
@@ -150,7 +151,7 @@ def test_failed_compile_warns_once_and_falls_back(monkeypatch):
     assert len(messages) == 1
     assert "no compiler here" in messages[0] and "second line" not in messages[0]
     assert "CHARLM_COMPILE=0" in messages[0]
-    assert all(k is None for k in kernels._kernels.values())
+    assert all(k is None for k in inductor._kernels.values())
 
 
 @pytest.mark.parametrize(
@@ -159,15 +160,15 @@ def test_failed_compile_warns_once_and_falls_back(monkeypatch):
 )
 def test_no_kernel_when_not_worth_it(why, monkeypatch):
     """Off, below MIN_NUMEL, or not on the CPU: no compile is even attempted."""
-    monkeypatch.setattr(kernels, "_compile", lambda fn, args: pytest.fail("compiled"))
-    monkeypatch.setattr(kernels, "_kernels", {})
-    monkeypatch.setattr(kernels, "ENABLED", why != "disabled")
+    monkeypatch.setattr(inductor, "_compile", lambda fn, args: pytest.fail("compiled"))
+    monkeypatch.setattr(inductor, "_kernels", {})
+    monkeypatch.setattr(inductor, "ENABLED", why != "disabled")
     # Only the "small" case keeps the size threshold, so each case fails on its own reason.
-    monkeypatch.setattr(kernels, "MIN_NUMEL", 10**9 if why == "small" else 0)
-    args = _random_args(kernels.lstm_forward, 2, 3, torch.float32)
+    monkeypatch.setattr(inductor, "MIN_NUMEL", 10**9 if why == "small" else 0)
+    args = _random_args(lstm_step.lstm_forward, 2, 3, torch.float32)
     if why == "cuda-like":
         args = [a.to("meta") for a in args]  # any non-CPU device
-    assert kernels.kernel(kernels.lstm_forward, *args) is None
+    assert inductor.kernel(lstm_step.lstm_forward, *args) is None
 
 
 def test_reference_functions_are_the_lstm_equations():
@@ -181,7 +182,7 @@ def test_reference_functions_are_the_lstm_equations():
     gemm = h @ cell.weight_hh.T
     acts, c_new, h_new = (torch.empty(B, n * H, dtype=torch.float64) for n in (4, 1, 1))
     with torch.no_grad():
-        kernels.lstm_forward(gemm, xg, c.detach(), acts, c_new, h_new)
+        lstm_step.lstm_forward(gemm, xg, c.detach(), acts, c_new, h_new)
     h_ref, c_ref = cell(x, (h, c))
     torch.testing.assert_close(h_new, h_ref.detach())
     torch.testing.assert_close(c_new, c_ref.detach())
@@ -195,7 +196,7 @@ def test_reference_functions_are_the_lstm_equations():
     dpre = torch.empty(B, 4 * H, dtype=torch.float64)
     dc_prev = torch.empty(B, H, dtype=torch.float64)
     half = dh / 2  # dh arrives in two parts: through the next step and from the output
-    kernels.lstm_backward(half, dh - half, dc, acts, c.detach(), c_new, dpre, dc_prev)
+    lstm_step.lstm_backward(half, dh - half, dc, acts, c.detach(), c_new, dpre, dc_prev)
     torch.testing.assert_close(dpre, d_pre)
     torch.testing.assert_close(dc_prev, d_c)
 
@@ -204,22 +205,22 @@ def test_reference_functions_are_the_lstm_equations():
 def test_a_wrong_fast_call_path_is_never_used(compiled, monkeypatch):
     """The direct call into Inductor's generated code is checked like the kernel itself:
     one that does nothing is rejected in favour of the public compiled artifact."""
-    monkeypatch.setattr(kernels, "_direct_call", lambda artifact: lambda *a: None)
-    monkeypatch.setattr(kernels, "_kernels", {})
-    args = _random_args(kernels.lstm_backward, 2, 5, torch.float32)
-    k = kernels.kernel(kernels.lstm_backward, *args)
+    monkeypatch.setattr(inductor, "_direct_call", lambda artifact: lambda *a: None)
+    monkeypatch.setattr(inductor, "_kernels", {})
+    args = _random_args(lstm_step.lstm_backward, 2, 5, torch.float32)
+    k = inductor.kernel(lstm_step.lstm_backward, *args)
     assert k is not None
     want = [a.clone() for a in args]
-    kernels.lstm_backward(*want)
+    lstm_step.lstm_backward(*want)
     k(*args)
     torch.testing.assert_close(args[-2:], want[-2:])
 
 
 def test_old_torch_says_which_version_it_needs(monkeypatch):
     monkeypatch.delattr(torch._inductor, "standalone_compile", raising=False)
-    monkeypatch.setattr(kernels, "_kernels", {})
-    monkeypatch.setattr(kernels, "_warned", False)
-    monkeypatch.setattr(kernels, "MIN_NUMEL", 0)
-    args = _random_args(kernels.lstm_forward, 2, 3, torch.float32)
+    monkeypatch.setattr(inductor, "_kernels", {})
+    monkeypatch.setattr(inductor, "_warned", False)
+    monkeypatch.setattr(inductor, "MIN_NUMEL", 0)
+    args = _random_args(lstm_step.lstm_forward, 2, 3, torch.float32)
     with pytest.warns(RuntimeWarning, match=r"needs torch >= 2\.8"):
-        assert kernels.kernel(kernels.lstm_forward, *args) is None
+        assert inductor.kernel(lstm_step.lstm_forward, *args) is None

@@ -1,0 +1,263 @@
+"""Backpropagation through time: one autograd Function per recurrence, with a hand-written
+backward that walks the sequence in reverse, one matmul per step, then computes the
+recurrent weight gradient as one large GEMM over all steps (:func:`.gemm.dw_hh`).
+
+Each Function's forward is a scan of :mod:`.scan` and equals the equation that scan names;
+its backward is the exact gradient of that equation, held there by float64 gradcheck
+(tests/test_cells.py::test_gradcheck_*, tests/test_kernels.py) and by every layer test
+against torch.nn. ``rows`` (a packed batch, see :mod:`.scan`) is a plain argument; the
+rows past a sequence's end get zero gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import inductor, scan
+from .gemm import dw_hh, step_gemm_fns
+from .lstm_step import lstm_backward
+from .workspace import empty
+
+
+def _dense_rows(g: Tensor) -> Tensor:
+    """An incoming gradient as is when its rows are dense (a batch_first transpose is fine
+    and saves a copy), else contiguous (e.g. the stride-0 expansion that ``sum()`` sends)."""
+    return g if g.stride(-1) == 1 and min(g.stride()) > 0 else g.contiguous()
+
+
+def _grow(dh: Tensor, rows: scan.Rows, t: int, tail: Tensor | None) -> Tensor:
+    """dL/dh_{t-1} for step t - 1's live rows: ``dh`` covers step t's rows; the rows that
+    ended at step t - 1 take ``tail`` (their output gradient) or zeros."""
+    if rows is None or rows[t - 1] == rows[t]:
+        return dh
+    extra = rows[t - 1] - rows[t]
+    if tail is None:
+        tail = dh.new_zeros((extra, dh.shape[1]))
+    return torch.cat((dh, tail))
+
+
+def _inject(dc: Tensor, dc_last: Tensor, rows: scan.Rows, t: int) -> None:
+    """Rows whose sequences end at step t receive their final-state gradient there."""
+    if rows is None:
+        return
+    T = len(rows)
+    stop = rows[t]
+    start = rows[t + 1] if t + 1 < T else 0
+    if start < stop:
+        dc[start:stop] = dc_last[start:stop]
+
+
+class RNNRecurrence(torch.autograd.Function):
+    """(xg, h0, W_hh) -> hs (T, B, H): :func:`.scan.rnn_scan` and its gradient."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, xg: Tensor, h0: Tensor, w_hh: Tensor, relu: bool, rows=None) -> Tensor:
+        hs = scan.rnn_scan(xg, h0, w_hh, relu, rows)
+        ctx.relu, ctx.rows = relu, rows
+        ctx.save_for_backward(h0, w_hh, hs)
+        return hs
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    @once_differentiable
+    def backward(ctx, dhs: Tensor):
+        h0, w_hh, hs = ctx.saved_tensors
+        rows = ctx.rows
+        T, B, _ = hs.shape
+        # The activation's derivative, for all steps at once: tanh' = 1 - h^2, relu' = [h > 0]
+        # (h = relu(pre) > 0 exactly where pre > 0).
+        dpre = empty(tuple(hs.shape), hs)  # (T, B, H), becomes dL/dpre in place below
+        if ctx.relu:
+            torch.gt(hs, 0, out=dpre)
+        else:
+            torch.mul(hs, hs, out=dpre).neg_().add_(1)
+        scan.zero_finished(dpre, rows)
+        dpre_l = scan.per_step(dpre, rows)
+        dhs_l = scan.per_step(_dense_rows(dhs), rows)
+        _, lin_add = step_gemm_fns(w_hh.t(), B, hs)  # lin_add(x, o) = o + x @ W_hh
+        dh = dhs_l[T - 1]  # total dL/dh_t of the live rows
+        for t in range(T - 1, 0, -1):
+            dpre_l[t].mul_(dh)
+            b = dpre_l[t].shape[0]
+            dh = lin_add(dpre_l[t], dhs_l[t - 1][:b])  # dL/dh_{t-1}
+            dh = _grow(dh, rows, t, dhs_l[t - 1][b:])
+        dpre_l[0].mul_(dh)
+        need = ctx.needs_input_grad
+        dh0 = torch.mm(dpre_l[0], w_hh) if need[1] else None
+        dw = dw_hh(dpre, h0, hs) if need[2] else None
+        return dpre, dh0, dw, None, None
+
+
+class LSTMRecurrence(torch.autograd.Function):
+    """(xg, h0, c0, W_hh) -> (hs (T, B, H), c_last (B, H)): :func:`.scan.lstm_scan` and its
+    gradient. The forward picks the compiled or the eager loop; each has its own backward
+    (:func:`_lstm_backward_compiled`, :func:`_lstm_backward_eager`) for what it saved."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, rows=None):
+        hs, c_last, saved, compiled = scan.lstm_scan(xg, h0, c0, w_hh, True, rows)
+        # Intermediates go through save_for_backward too: autograd then frees them right
+        # after backward (unless the graph is retained), so the workspace can recycle them
+        # even while the caller still holds this step's outputs.
+        ctx.backward_fn = _lstm_backward_compiled if compiled else _lstm_backward_eager
+        ctx.rows = rows
+        ctx.save_for_backward(h0, w_hh, hs, *saved)  # type: ignore[misc]
+        return hs, c_last
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    @once_differentiable
+    def backward(ctx, dhs: Tensor, dc_last: Tensor):
+        h0, w_hh, hs, *saved = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dpre, dc0 = ctx.backward_fn(w_hh, _dense_rows(dhs), dc_last, saved, ctx.rows)
+        dh0 = torch.mm(dpre[0], w_hh) if need[1] else None
+        dw = dw_hh(dpre, h0, hs) if need[3] else None
+        return dpre, dh0, dc0 if need[2] else None, dw, None
+
+
+def _lstm_backward_eager(w_hh: Tensor, dhs: Tensor, dc_last: Tensor, saved, rows):
+    """Backward of the eager :func:`.scan.lstm_scan`: the saved factors scaled per step.
+    Returns (dL/dpre (T, B, 4H), dL/dc0 (B, H))."""
+    dpre_dstate, dh_dc_4, acts = saved
+    T, B, G = dpre_dstate.shape
+    H = G // 4
+    dpre = empty((T, B, G), dpre_dstate)
+    scan.zero_finished(dpre, rows)
+    dpre_l = scan.per_step(dpre, rows)
+    dpre_ifg = scan.per_step(dpre[:, :, : 3 * H].view(T, B, 3, H), rows)  # (b, 3, H)
+    dpre_o = scan.per_step(dpre[:, :, 3 * H :], rows)
+    fac_ifg = scan.per_step(dpre_dstate[:, :, : 3 * H].view(T, B, 3, H), rows)
+    fac_o = scan.per_step(dpre_dstate[:, :, 3 * H :], rows)
+    k_l, f_l = scan.per_step(dh_dc_4, rows), scan.per_step(acts[:, :, H : 2 * H], rows)
+    dhs_l = scan.per_step(dhs, rows)
+    _, lin_add = step_gemm_fns(w_hh.t(), B, dpre_dstate)  # lin_add(x, o) = o + x @ W_hh
+    mul = torch.mul
+    dc = dc_last.clone(memory_format=torch.contiguous_format)  # (B, H) total dL/dc_t
+    n = [B] * T if rows is None else rows
+    dc_l = [dc[: n[t]] for t in range(T)]
+    dc3_l = [d.unsqueeze(1) for d in dc_l]  # (b, 1, H) views, broadcast over i, f, g
+    dh = dhs_l[T - 1]  # total dL/dh_t of the live rows
+    for t in range(T - 1, -1, -1):
+        _inject(dc, dc_last, rows, t)
+        mul(fac_o[t], dh, out=dpre_o[t])  # dL/do_pre = dh tanh(c) s'(o)
+        dc_l[t].addcmul_(dh, k_l[t], value=4)  # dL/dc_t += dh o (1 - tanh(c)^2)
+        mul(fac_ifg[t], dc3_l[t], out=dpre_ifg[t])  # dL/d(i, f, g)_pre
+        dc_l[t].mul_(f_l[t])  # dL/dc_{t-1} through the forget gate
+        if t:
+            b = n[t]
+            dh = lin_add(dpre_l[t], dhs_l[t - 1][:b])  # dL/dh_{t-1}
+            dh = _grow(dh, rows, t, dhs_l[t - 1][b:])
+    return dpre, dc
+
+
+def _lstm_backward_compiled(w_hh: Tensor, dhs: Tensor, dc_last: Tensor, saved, rows):
+    """Backward of :func:`.scan.lstm_scan_compiled`: per step one kernel (the compiled
+    :func:`.lstm_step.lstm_backward`, eager on partial steps of a packed batch) and one GEMM.
+    Returns (dL/dpre (T, B, 4H), dL/dc0 (B, H))."""
+    acts, cs = saved
+    T, B, G = acts.shape
+    dpre = empty((T, B, G), acts)
+    scan.zero_finished(dpre, rows)
+    dpre_l, a_l = scan.per_step(dpre, rows), scan.per_step(acts, rows)
+    n = [B] * T if rows is None else rows
+    c_prev = [cs[t, : n[t]] for t in range(T)]
+    c_now = [cs[t + 1, : n[t]] for t in range(T)]
+    dhs_l = scan.per_step(dhs, rows)
+    dcs = acts.new_empty((2, *dc_last.shape))  # dL/dc_t, ping-pong
+    dcs[T & 1] = dc_last
+    dc_in = [dcs[(t + 1) & 1, : n[t]] for t in range(T)]  # dL/dc_t from step t + 1
+    dc_out = [dcs[t & 1, : n[t]] for t in range(T)]  # dL/dc_{t-1}
+    lin, _ = step_gemm_fns(w_hh.t(), B, acts)  # lin(x, None) = x @ W_hh
+    dh_rec = torch.zeros_like(dc_last)  # nothing flows back into the last step
+    t = T - 1
+    args = (dh_rec, dhs_l[t], dc_in[t], a_l[t], c_prev[t], c_now[t], dpre_l[t], dc_out[t])
+    full = None
+    if n[t] == B:
+        full = inductor.kernel(lstm_backward, *args)
+    elif rows is not None:  # the last step is partial: find the full-width kernel's shapes
+        full = inductor.kernel(
+            lstm_backward, dh_rec, dhs[0], dcs[0], acts[0], cs[0], cs[1], dpre[0], dcs[1]
+        )
+    for t in range(T - 1, -1, -1):
+        _inject(dcs[(t + 1) & 1], dc_last, rows, t)
+        step = full if (full is not None and n[t] == B) else lstm_backward
+        step(dh_rec, dhs_l[t], dc_in[t], a_l[t], c_prev[t], c_now[t], dpre_l[t], dc_out[t])
+        if t:
+            dh_rec = _grow(lin(dpre_l[t], None), rows, t, None)  # dL/dh_{t-1} via step t
+    return dpre, dcs[0]  # dcs is this call's own buffer
+
+
+class GRURecurrence(torch.autograd.Function):
+    """(xg, h0, W_hh, b_hh) -> hs (T, B, H): :func:`.scan.gru_scan` and its gradient."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, xg: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor | None, rows=None):
+        hs, saved = scan.gru_scan(xg, h0, w_hh, b_hh, True, rows)
+        ctx.rows = rows
+        ctx.save_for_backward(h0, w_hh, hs, *saved)  # type: ignore[misc]
+        return hs
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    @once_differentiable
+    def backward(ctx, dhs: Tensor):
+        h0, w_hh, hs, rz, ns, hg_n = ctx.saved_tensors
+        rows = ctx.rows
+        T, B, H = hs.shape
+        r, z = rz[:, :, :H], rz[:, :, H:]
+        # With h' = n + z (h - n):  dz_pre = dh (h - n) z (1 - z),
+        # dn_pre = dh (1 - z) (1 - n^2), dr_pre = dn_pre hg_n r (1 - r), d(hg_n) = dn_pre r,
+        # and dh_prev = dh z + [dr_pre, dz_pre, d(hg_n)] @ W_hh. The factors that do not
+        # depend on the incoming gradient are computed for all steps first.
+        one_minus_z = empty((T, B, H), hs)
+        torch.neg(z, out=one_minus_z).add_(1)
+        dz_dh = empty((T, B, H), hs)  # (h_prev - n) z (1 - z)
+        dz_dh[0] = h0
+        if T > 1:
+            dz_dh[1:] = hs[:-1]
+        dz_dh.sub_(ns).mul_(z).mul_(one_minus_z)
+        dn_dh = empty((T, B, H), hs)  # (1 - z) (1 - n^2)
+        torch.mul(ns, ns, out=dn_dh).neg_().add_(1).mul_(one_minus_z)
+        dr_hgn_dn = empty((T, B, 2, H), hs)  # per step [hg_n r (1 - r), r]: by dn_pre
+        dr_dn = dr_hgn_dn[:, :, 0]
+        torch.mul(r, r, out=dr_dn)
+        dr_dn.neg_().add_(r).mul_(hg_n)
+        dr_hgn_dn[:, :, 1] = r
+
+        d_rec = empty((T, B, 3 * H), hs)  # [dr_pre, dz_pre, d(hg_n)]: the GEMM operand
+        dn = empty((T, B, H), hs)  # dn_pre, which is also dL/d(x_n)
+        scan.zero_finished(d_rec, rows)
+        scan.zero_finished(dn, rows)
+        d_rec_l = scan.per_step(d_rec, rows)
+        dz_l = scan.per_step(d_rec[:, :, H : 2 * H], rows)
+        d_rn = scan.per_step(d_rec.view(T, B, 3, H)[:, :, 0::2], rows)  # (b, 2, H): r and n
+        dn_l = scan.per_step(dn, rows)
+        dn_b = [d.unsqueeze(1) for d in dn_l]  # (b, 1, H), broadcast over dr_hgn_dn
+        dz_dh_l, dn_dh_l = scan.per_step(dz_dh, rows), scan.per_step(dn_dh, rows)
+        rr_l, z_l = scan.per_step(dr_hgn_dn, rows), scan.per_step(z, rows)
+        dhs_l = scan.per_step(_dense_rows(dhs), rows)
+        _, lin_add = step_gemm_fns(w_hh.t(), B, hs)  # lin_add(x, o) = o + x @ W_hh
+        mul, addcmul = torch.mul, torch.addcmul
+        dh = dhs_l[T - 1]  # total dL/dh_t of the live rows
+        for t in range(T - 1, -1, -1):
+            mul(dh, dz_dh_l[t], out=dz_l[t])
+            mul(dh, dn_dh_l[t], out=dn_l[t])
+            mul(dn_b[t], rr_l[t], out=d_rn[t])
+            if t:
+                b = dh.shape[0]
+                direct = addcmul(dhs_l[t - 1][:b], dh, z_l[t])  # through h' = ... + z h
+                dh = lin_add(d_rec_l[t], direct)  # dL/dh_{t-1}
+                dh = _grow(dh, rows, t, dhs_l[t - 1][b:])
+        need = ctx.needs_input_grad
+        dh0 = torch.mm(d_rec_l[0], w_hh).addcmul_(dh, z_l[0]) if need[1] else None
+        dw = dw_hh(d_rec, h0, hs) if need[2] else None
+        db = d_rec.sum(dim=(0, 1)) if need[3] else None
+        # dL/dxg = [dr_pre, dz_pre, dn_pre]: the input side meets n before the reset gate.
+        dxg = torch.cat((d_rec[:, :, : 2 * H], dn), dim=2, out=empty((T, B, 3 * H), hs))
+        return dxg, dh0, dw, db, None

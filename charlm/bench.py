@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 from tqdm import tqdm
 
 from . import __version__
@@ -335,6 +336,69 @@ def recurrent_groups(cell: str, shape: BenchShape, steps: int, device: torch.dev
     return groups
 
 
+def time_layer_training(model: nn.Module, optimizer: torch.optim.Optimizer, inp, steps: int,
+                        device: torch.device) -> float:
+    """Seconds for `steps` training steps of a bare recurrent layer on `inp` (a tensor or a
+    PackedSequence): forward, mean squared output as the loss, backward, clip, AdamW step."""
+    grad_clip = TrainConfig().grad_clip
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(inp)[0]
+        loss = (out.data if isinstance(out, PackedSequence) else out).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def layer_variant_groups(cell: str, shape: BenchShape, steps: int, device: torch.device,
+                         checks: dict) -> list[Group]:
+    """torch.nn's layer options on a bare layer (no LM around it), charlm vs torch.nn:
+    bidirectional (LSTM, GRU) and a packed batch of lengths uniform in [seq_len/2, seq_len]
+    (every cell); `num_layers` layers of width `hidden`, input width `hidden`."""
+    B, T = shape.batch_size, shape.seq_len
+    variants = (["bidir"] if cell in ("lstm", "gru") else []) + ["packed"]
+
+    def build(variant: str, h: int) -> list[Contender]:
+        kw = {"num_layers": shape.num_layers, "bidirectional": variant == "bidir"}
+        torch.manual_seed(0)
+        ours = CHARLM_BODIES[cell](h, h, **kw)
+        theirs = NN_BODIES[cell](h, h, **kw)
+        theirs.load_state_dict(ours.state_dict())
+        ours, theirs = ours.to(device), theirs.to(device)
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(T, B, h, generator=g).to(device)
+        inp, work = x, B * T
+        if variant == "packed":
+            lengths = torch.randint(max(1, T // 2), T + 1, (B,), generator=g)
+            inp = pack_padded_sequence(x, lengths, enforce_sorted=False)
+            work = int(lengths.sum())
+        with torch.no_grad():
+            a, b = ours(inp)[0], theirs(inp)[0]
+            if variant == "packed":
+                a, b = a.data, b.data
+            checks["max_logit_diff"][f"{cell}-{h}-{variant}"] = float((a - b).abs().max())
+        info = {"cell": cell, "hidden": h, "variant": variant}
+        out = []
+        for name, model, impl in ((f"charlm-{cell}-{h}-{variant}", ours, "charlm.cells"),
+                                  (f"nn-{cell}-{h}-{variant}", theirs, "torch.nn")):
+            opt = make_optimizer(model, TrainConfig(), device)
+            out.append(Contender(
+                "train", name, "tokens/s", steps * work,
+                timed=lambda m=model, o=opt: time_layer_training(m, o, inp, steps, device),
+                warmup=lambda m=model, o=opt: time_layer_training(
+                    m, o, inp, shape.warmup_steps, device),
+                resident=lambda m=model, o=opt: resident_bytes(m, o),
+                info={"impl": impl, **info}))
+        return _with_reference(out)
+
+    return [Group(f"train {cell} h{h} {v}", 2, lambda v=v, h=h: build(v, h))
+            for h in shape.hidden for v in variants]
+
+
 def transformer_groups(shape: BenchShape, steps: int, device: torch.device,
                        checks: dict) -> list[Group]:
     """The Transformer's groups: training alone; sampling with the KV cache vs recompute."""
@@ -410,8 +474,9 @@ def stability(rates: Sequence[float]) -> float | None:
 
 def run_bench(device: torch.device, cells: Sequence[str] = ALL_CELLS,
               shape: BenchShape | None = None, repeats: int = 5, steps: int = 10,
-              progress: bool = True) -> dict:
-    """Run every contender of `cells` and return the JSON-ready result (see `format_table`)."""
+              progress: bool = True, variants: bool = True) -> dict:
+    """Run every contender of `cells` and return the JSON-ready result (see `format_table`);
+    `variants` adds the bidirectional and packed-input layer groups."""
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
     if steps < 1:
@@ -424,8 +489,12 @@ def run_bench(device: torch.device, cells: Sequence[str] = ALL_CELLS,
     kernel_uses = inductor.uses
     groups: list[Group] = []
     for cell in cells:
-        groups += (transformer_groups(shape, steps, device, checks) if cell == "transformer"
-                   else recurrent_groups(cell, shape, steps, device, checks))
+        if cell == "transformer":
+            groups += transformer_groups(shape, steps, device, checks)
+        else:
+            groups += recurrent_groups(cell, shape, steps, device, checks)
+            if variants:
+                groups += layer_variant_groups(cell, shape, steps, device, checks)
     contenders: list[Contender] = []
     failures: list[dict] = []
     bar = tqdm(total=repeats * sum(g.size for g in groups), unit="repeat", file=sys.stderr,

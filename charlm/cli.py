@@ -311,6 +311,10 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     quick: Annotated[bool, typer.Option(
         "--quick", help="Tiny shapes and 2 repeats: a smoke test, not a measurement.")] = False,
+    variants: Annotated[bool, typer.Option(
+        "--variants/--no-variants",
+        help="Also time bare layers with torch.nn's options: bidirectional (LSTM, GRU) and "
+             "packed input (lengths uniform in [seq_len/2, seq_len]).")] = True,
 ) -> None:
     """Time charlm.cells against torch.nn, and the Transformer's KV cache against recomputing.
 
@@ -324,7 +328,7 @@ def bench(
     default_repeats, default_steps = (2, 2) if quick else (5, 10)
     result = run_bench(dev, parse_cells(cells), shape,
                        repeats=default_repeats if repeats is None else repeats,
-                       steps=default_steps if steps is None else steps)
+                       steps=default_steps if steps is None else steps, variants=variants)
     typer.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 

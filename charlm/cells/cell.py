@@ -44,7 +44,9 @@ def check_size(name: str, value: object) -> int:
 
 
 def check_dropout(dropout: object) -> float:
-    """``dropout`` as a float if it is a number in [0, 1] (not a bool), else ValueError."""
+    """``dropout`` as a float if it is a number in [0, 1] (not a bool), else ValueError;
+    TypeError where ``float()`` refuses it, as in torch.nn."""
+    as_float = float(dropout)  # type: ignore[arg-type]
     if (
         isinstance(dropout, bool)
         or not isinstance(dropout, numbers.Real)
@@ -54,7 +56,7 @@ def check_dropout(dropout: object) -> float:
             "dropout should be a number in range [0, 1] representing the probability "
             f"of an element being zeroed, got {dropout!r}"
         )
-    return float(dropout)
+    return as_float
 
 
 def check_proj_size(proj_size: object, hidden_size: int) -> int:

@@ -173,7 +173,7 @@ def _lstm_backward_compiled(w_hh: Tensor, dhs: Tensor, dc_last: Tensor, saved, r
     dc_in = [dcs[(t + 1) & 1, : n[t]] for t in range(T)]  # dL/dc_t from step t + 1
     dc_out = [dcs[t & 1, : n[t]] for t in range(T)]  # dL/dc_{t-1}
     lin, _ = step_gemm_fns(w_hh.t(), B, acts)  # lin(x, None) = x @ W_hh
-    dh_rec = torch.zeros_like(dc_last)  # nothing flows back into the last step
+    dh_rec = dc_last.new_zeros((n[-1], dc_last.shape[1]))  # nothing flows into the last step
     t = T - 1
     args = (dh_rec, dhs_l[t], dc_in[t], a_l[t], c_prev[t], c_now[t], dpre_l[t], dc_out[t])
     full = None
@@ -181,7 +181,7 @@ def _lstm_backward_compiled(w_hh: Tensor, dhs: Tensor, dc_last: Tensor, saved, r
         full = inductor.kernel(lstm_backward, *args)
     elif rows is not None:  # the last step is partial: find the full-width kernel's shapes
         full = inductor.kernel(
-            lstm_backward, dh_rec, dhs[0], dcs[0], acts[0], cs[0], cs[1], dpre[0], dcs[1]
+            lstm_backward, dcs[0], dhs[0], dcs[0], acts[0], cs[0], cs[1], dpre[0], dcs[1]
         )
     for t in range(T - 1, -1, -1):
         _inject(dcs[(t + 1) & 1], dc_last, rows, t)

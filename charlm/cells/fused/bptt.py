@@ -131,8 +131,8 @@ def _lstm_backward_eager(w_hh: Tensor, dhs: Tensor, dc_last: Tensor, saved, rows
     dpre_l = scan.per_step(dpre, rows)
     dpre_ifg = scan.per_step(dpre[:, :, : 3 * H].view(T, B, 3, H), rows)  # (b, 3, H)
     dpre_o = scan.per_step(dpre[:, :, 3 * H :], rows)
-    fac_ifg = scan.per_step(dpre_dstate[:, :, : 3 * H].view(T, B, 3, H), rows)
-    fac_o = scan.per_step(dpre_dstate[:, :, 3 * H :], rows)
+    dpre_dc_ifg = scan.per_step(dpre_dstate[:, :, : 3 * H].view(T, B, 3, H), rows)
+    dpre_dh_o = scan.per_step(dpre_dstate[:, :, 3 * H :], rows)
     k_l, f_l = scan.per_step(dh_dc_4, rows), scan.per_step(acts[:, :, H : 2 * H], rows)
     dhs_l = scan.per_step(dhs, rows)
     _, lin_add = step_gemm_fns(w_hh.t(), B, dpre_dstate)  # lin_add(x, o) = o + x @ W_hh
@@ -144,9 +144,9 @@ def _lstm_backward_eager(w_hh: Tensor, dhs: Tensor, dc_last: Tensor, saved, rows
     dh = dhs_l[T - 1]  # total dL/dh_t of the live rows
     for t in range(T - 1, -1, -1):
         _inject(dc, dc_last, rows, t)
-        mul(fac_o[t], dh, out=dpre_o[t])  # dL/do_pre = dh tanh(c) s'(o)
+        mul(dpre_dh_o[t], dh, out=dpre_o[t])  # dL/do_pre = dh tanh(c) s'(o)
         dc_l[t].addcmul_(dh, k_l[t], value=4)  # dL/dc_t += dh o (1 - tanh(c)^2)
-        mul(fac_ifg[t], dc3_l[t], out=dpre_ifg[t])  # dL/d(i, f, g)_pre
+        mul(dpre_dc_ifg[t], dc3_l[t], out=dpre_ifg[t])  # dL/d(i, f, g)_pre
         dc_l[t].mul_(f_l[t])  # dL/dc_{t-1} through the forget gate
         if t:
             b = n[t]
@@ -165,13 +165,17 @@ def _lstm_backward_compiled(w_hh: Tensor, dhs: Tensor, dc_last: Tensor, saved, r
     scan.zero_finished(dpre, rows)
     dpre_l, a_l = scan.per_step(dpre, rows), scan.per_step(acts, rows)
     n = [B] * T if rows is None else rows
-    c_prev = [cs[t, : n[t]] for t in range(T)]
-    c_now = [cs[t + 1, : n[t]] for t in range(T)]
+    if rows is None:
+        c_prev, c_now = cs.unbind(0)[:T], cs.unbind(0)[1:]
+    else:
+        c_prev = [cs[t, : n[t]] for t in range(T)]
+        c_now = [cs[t + 1, : n[t]] for t in range(T)]
     dhs_l = scan.per_step(dhs, rows)
     dcs = acts.new_empty((2, *dc_last.shape))  # dL/dc_t, ping-pong
     dcs[T & 1] = dc_last
-    dc_in = [dcs[(t + 1) & 1, : n[t]] for t in range(T)]  # dL/dc_t from step t + 1
-    dc_out = [dcs[t & 1, : n[t]] for t in range(T)]  # dL/dc_{t-1}
+    dc_slots = dcs.unbind(0)
+    dc_in = [dc_slots[(t + 1) & 1][: n[t]] for t in range(T)]  # dL/dc_t from step t + 1
+    dc_out = [dc_slots[t & 1][: n[t]] for t in range(T)]  # dL/dc_{t-1}
     lin, _ = step_gemm_fns(w_hh.t(), B, acts)  # lin(x, None) = x @ W_hh
     dh_rec = dc_last.new_zeros((n[-1], dc_last.shape[1]))  # nothing flows into the last step
     t = T - 1
@@ -183,12 +187,16 @@ def _lstm_backward_compiled(w_hh: Tensor, dhs: Tensor, dc_last: Tensor, saved, r
         full = inductor.kernel(
             lstm_backward, dcs[0], dhs[0], dcs[0], acts[0], cs[0], cs[1], dpre[0], dcs[1]
         )
+    step = full or lstm_backward
     for t in range(T - 1, -1, -1):
-        _inject(dcs[(t + 1) & 1], dc_last, rows, t)
-        step = full if (full is not None and n[t] == B) else lstm_backward
+        if rows is not None:
+            _inject(dc_slots[(t + 1) & 1], dc_last, rows, t)
+            step = full if (full is not None and n[t] == B) else lstm_backward
         step(dh_rec, dhs_l[t], dc_in[t], a_l[t], c_prev[t], c_now[t], dpre_l[t], dc_out[t])
         if t:
-            dh_rec = _grow(lin(dpre_l[t], None), rows, t, None)  # dL/dh_{t-1} via step t
+            dh_rec = lin(dpre_l[t], None)  # dL/dh_{t-1} via step t
+            if rows is not None:
+                dh_rec = _grow(dh_rec, rows, t, None)
     return dpre, dcs[0]  # dcs is this call's own buffer
 
 

@@ -159,8 +159,8 @@ def lstm_scan(
         dpre_dstate = empty((T, B, G), xg)
         dh_dc_4 = empty((T, B, H), xg)
         acts = empty((T, B, G), xg)
-        fac4_l = per_step(dpre_dstate.view(T, B, 4, H), rows)
-        fac_l, k_l = per_step(dpre_dstate, rows), per_step(dh_dc_4, rows)
+        dstate4_l = per_step(dpre_dstate.view(T, B, 4, H), rows)
+        dstate_l, k_l = per_step(dpre_dstate, rows), per_step(dh_dc_4, rows)
         acts_l = per_step(acts, rows)
         a_i, a_f, a_g, a_o = (per_step(acts.view(T, B, 4, H)[:, :, j], rows) for j in range(4))
     _, lin_add = step_gemm_fns(w_hh, B, xg)
@@ -180,7 +180,7 @@ def lstm_scan(
         if keep:
             sigmoid(pre, out=acts_l[t])
             i, f, s_g, o = a_i[t], a_f[t], a_g[t], a_o[t]
-            addcmul(acts_l[t], acts_l[t], acts_l[t], value=-1, out=fac_l[t])  # s'(every)
+            addcmul(acts_l[t], acts_l[t], acts_l[t], value=-1, out=dstate_l[t])  # s'(every)
         else:
             i, f, s_g, o = pre.sigmoid_().chunk(4, 1)
         g = add(minus_one, s_g, alpha=2, out=m_g[t])  # g = tanh(g_pre)
@@ -195,7 +195,7 @@ def lstm_scan(
         tanh_c = add(minus_one, u_l[t], alpha=2, out=m_tc[t])  # tanh(c')
         mul(o, tanh_c, out=h_l[t])  # h' = o * tanh(c')
         if keep:
-            fac4_l[t].mul_(m_all[t])  # s' * [g, c_{t-1}, 4 i, tanh(c')]
+            dstate4_l[t].mul_(m_all[t])  # s' * [g, c_{t-1}, 4 i, tanh(c')]
     live = B if rows is None else rows[-1]
     c_last[:live] = mults[T & 1, :live, 1]
     saved = (dpre_dstate, dh_dc_4, acts) if keep else None
@@ -226,8 +226,11 @@ def lstm_scan_compiled(
     x_l, h_l, a_l = per_step(xg, rows), per_step(hs, rows), scratch_steps(acts, rows, T, keep)
     c_slots = cs.unbind(0) if keep else [cs[t & 1] for t in range(T + 1)]
     n = [B] * T if rows is None else rows
-    c_in = [c_slots[t][: n[t]] for t in range(T)]
-    c_out = [c_slots[t + 1][: n[t]] for t in range(T)]
+    if rows is None:
+        c_in, c_out = c_slots[:T], c_slots[1:]
+    else:
+        c_in = [c_slots[t][: n[t]] for t in range(T)]
+        c_out = [c_slots[t + 1][: n[t]] for t in range(T)]
     # x_l[0] stands in for the GEMM's output: both are dense (B, 4H).
     full = inductor.kernel(lstm_forward, x_l[0], x_l[0], c_in[0], a_l[0], c_out[0], h_l[0])
     if full is None:
@@ -235,11 +238,13 @@ def lstm_scan_compiled(
     h_prev = previous(h0.contiguous(), h_l, rows)
     c_last = xg.new_empty((B, H))
     for t in range(T):
-        done = ended(rows, t)
-        if done:
-            c_last[done[0] : done[1]] = c_slots[t][done[0] : done[1]]
+        step = full
+        if rows is not None:
+            done = ended(rows, t)
+            if done:
+                c_last[done[0] : done[1]] = c_slots[t][done[0] : done[1]]
+            step = full if n[t] == B else lstm_forward
         gemm = lin(h_prev[t], None)  # (B, 4H) = h W_hh^T
-        step = full if n[t] == B else lstm_forward
         step(gemm, x_l[t], c_in[t], a_l[t], c_out[t], h_l[t])
     c_last[: n[-1]] = c_slots[T][: n[-1]]
     return hs, c_last, (acts, cs)

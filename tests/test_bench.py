@@ -22,6 +22,10 @@ from charlm.bench import (
 )
 from charlm.cli import app
 
+# the bare-layer groups: bidirectional for LSTM and GRU, packed input for every cell
+VARIANTS = [("rnn", "packed"), ("lstm", "bidir"), ("lstm", "packed"), ("gru", "bidir"),
+            ("gru", "packed")]
+
 CPU = torch.device("cpu")
 
 
@@ -44,7 +48,10 @@ def test_quick_json_has_every_contender_with_positive_rates(quick_result):
             assert {(task, f"charlm-{cell}-{h}"), (task, f"nn-{cell}-{h}")} <= names
     assert {("train", "transformer-2x32"), ("sample", "transformer-2x32-kv"),
             ("sample", "transformer-2x32-recompute")} <= names
-    assert len(names) == 15
+    variants = {("train", f"{who}-{cell}-32-{v}") for who in ("charlm", "nn")
+                for cell, v in VARIANTS}
+    assert variants <= names
+    assert len(names) == 15 + len(variants)
     for c in quick_result["contenders"]:
         assert len(c["repeats"]) == quick_result["repeats"] == 2
         assert all(rate > 0 for rate in c["repeats"])
@@ -56,7 +63,8 @@ def test_quick_json_has_every_contender_with_positive_rates(quick_result):
 
 def test_ratios_are_charlm_over_nn_medians_of_the_raw_repeats(quick_result):
     raw = {(c["task"], c["name"]): c["repeats"] for c in quick_result["contenders"]}
-    assert len(quick_result["ratios"]) == 7  # 3 cells x (train, sample) + KV vs recompute
+    # 3 cells x (train, sample) + KV vs recompute + one per layer variant
+    assert len(quick_result["ratios"]) == 7 + len(VARIANTS)
     for r in quick_result["ratios"]:
         if r["contender"].startswith("charlm-"):
             assert r["reference"] == "nn-" + r["contender"].removeprefix("charlm-")
@@ -71,7 +79,8 @@ def test_ratios_are_charlm_over_nn_medians_of_the_raw_repeats(quick_result):
 
 def test_the_bench_checks_what_it_measures(quick_result):
     checks = quick_result["checks"]
-    assert set(checks["max_logit_diff"]) == {"rnn-32", "lstm-32", "gru-32"}
+    assert set(checks["max_logit_diff"]) == {"rnn-32", "lstm-32", "gru-32"} | {
+        f"{cell}-32-{v}" for cell, v in VARIANTS}
     assert max(checks["max_logit_diff"].values()) < 1e-5
     assert checks["kv_cache_greedy"] == {"chars_compared": quick_shape().kv_context,
                                          "matches_recompute": True}
@@ -140,6 +149,8 @@ def test_a_failing_group_is_reported_and_the_others_still_run(monkeypatch):
 
     monkeypatch.setitem(bench.NN_BODIES, "gru", broken)
     result = run_bench(CPU, ["gru", "rnn"], quick_shape(), repeats=1, steps=1, progress=False)
-    assert [f["group"] for f in result["failures"]] == ["train gru h32", "sample gru h32"]
-    assert {c["name"] for c in result["contenders"]} == {"charlm-rnn-32", "nn-rnn-32"}
+    assert [f["group"] for f in result["failures"]] == [
+        "train gru h32", "sample gru h32", "train gru h32 bidir", "train gru h32 packed"]
+    assert {c["name"] for c in result["contenders"]} == {
+        "charlm-rnn-32", "nn-rnn-32", "charlm-rnn-32-packed", "nn-rnn-32-packed"}
     assert "FAILED train gru h32: no kernel for this dtype" in format_table(result)

@@ -17,7 +17,7 @@ used. ``CHARLM_COMPILE=0`` turns the compiled step kernels off.
 """
 
 from .cell import GRUCell, LSTMCell, RNNCell
-from .equations import gru_step, lstm_step, rnn_step
+from .equations import gru_gates, gru_step, lstm_gates, lstm_step, rnn_step
 from .layer import GRU, LSTM, RNN
 
 __all__ = [
@@ -29,5 +29,7 @@ __all__ = [
     "GRU",
     "rnn_step",
     "lstm_step",
+    "lstm_gates",
     "gru_step",
+    "gru_gates",
 ]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["rnn_step", "lstm_step", "gru_step"]
+__all__ = ["rnn_step", "lstm_gates", "lstm_step", "gru_gates", "gru_step"]
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -62,6 +62,20 @@ def rnn_step(
     return torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)
 
 
+def lstm_gates(
+    x: Tensor,
+    h: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Tensor | None,
+    bias_hh: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The LSTM's gates (i, f, g, o), each (B, H), for input x (B, I) and hidden state h."""
+    gates = _linear(x, weight_ih, bias_ih) + _linear(h, weight_hh, bias_hh)  # (B, 4H)
+    i, f, g, o = gates.chunk(4, dim=1)
+    return torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+
+
 def lstm_step(
     x: Tensor,
     h: Tensor,
@@ -91,14 +105,30 @@ def lstm_step(
     Returns:
         (h' (B, P), c' (B, H)).
     """
-    gates = _linear(x, weight_ih, bias_ih) + _linear(h, weight_hh, bias_hh)  # (B, 4H)
-    i, f, g, o = gates.chunk(4, dim=1)
-    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    i, f, g, o = lstm_gates(x, h, weight_ih, weight_hh, bias_ih, bias_hh)
     c_next = f * c + i * g
     h_next = o * torch.tanh(c_next)
     if weight_hr is not None:
         h_next = h_next @ weight_hr.t()  # (B, P)
     return h_next, c_next
+
+
+def gru_gates(
+    x: Tensor,
+    h: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Tensor | None,
+    bias_hh: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The GRU's reset gate r, update gate z and candidate n, each (B, H)."""
+    gi = _linear(x, weight_ih, bias_ih)  # (B, 3H)
+    gh = _linear(h, weight_hh, bias_hh)  # (B, 3H)
+    i_r, i_z, i_n = gi.chunk(3, dim=1)
+    h_r, h_z, h_n = gh.chunk(3, dim=1)
+    r = torch.sigmoid(i_r + h_r)
+    z = torch.sigmoid(i_z + h_z)
+    return r, z, torch.tanh(i_n + r * h_n)
 
 
 def gru_step(
@@ -126,11 +156,5 @@ def gru_step(
     Returns:
         h' (B, H).
     """
-    gi = _linear(x, weight_ih, bias_ih)  # (B, 3H)
-    gh = _linear(h, weight_hh, bias_hh)  # (B, 3H)
-    i_r, i_z, i_n = gi.chunk(3, dim=1)
-    h_r, h_z, h_n = gh.chunk(3, dim=1)
-    r = torch.sigmoid(i_r + h_r)
-    z = torch.sigmoid(i_z + h_z)
-    n = torch.tanh(i_n + r * h_n)
+    r, z, n = gru_gates(x, h, weight_ih, weight_hh, bias_ih, bias_hh)
     return (1 - z) * n + z * h

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import socket
+import time
 import zipfile
 from collections.abc import Callable
 from datetime import datetime
@@ -40,30 +42,105 @@ def unique_name(base: str, taken: Callable[[str], bool]) -> str:
     return name
 
 
+RESERVED = {LATEST.lower()}  # names the runs directory itself uses (case-insensitive file systems)
+
+
 def _safe_name(name: str) -> bool:
     """A run name that stays inside the runs directory (no `../x`, `/etc/x`, ...)."""
-    return bool(_NAME_RE.match(name)) and ".." not in name
+    return bool(_NAME_RE.match(name)) and ".." not in name and name.lower() not in RESERVED
 
 
 def check_run_name(name: str) -> str:
-    """Refuse names that could escape the runs directory (`../x`, `/etc/x`, ...)."""
+    """Refuse names that could escape the runs directory (`../x`, `/etc/x`, ...) or that it
+    uses itself (`LATEST`)."""
+    if isinstance(name, str) and name.lower() in RESERVED:
+        raise ValueError(f"--name '{name}' is reserved (the runs directory's pointer to the "
+                         "newest run); choose another name")
     if not _safe_name(name):
+        shown = name if len(name) <= 80 else name[:80] + "..."
         raise ValueError(
-            f"--name '{name}' is not a valid run name: use letters, digits, '.', '_' and '-' "
-            "(no '/', no '..', not starting with '.')"
+            f"--name '{shown}' is not a valid run name: use letters, digits, '.', '_' and '-' "
+            "(no '/', no '..', not starting with '.', at most 128 characters)"
         )
     return name
 
 
+def check_runs_dir(runs_dir: Path) -> Path:
+    """`runs_dir` if it is a directory or can become one."""
+    runs_dir = Path(runs_dir)
+    for parent in (runs_dir, *runs_dir.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--runs-dir '{runs_dir}': '{parent}' is a file, not a "
+                                 "directory; pass a directory for the runs")
+            break
+    return runs_dir
+
+
 def new_run_dir(runs_dir: Path, name: str) -> Path:
-    """The path for a new run `runs_dir/name` (created later, once training can start); an
+    """The path for a new run `runs_dir/name` (created by :func:`create_run_dir`); an
     existing run is never reused (that is what --resume is for)."""
-    run = Path(runs_dir) / check_run_name(name)
+    run = check_runs_dir(runs_dir) / check_run_name(name)
     if run.exists():
         raise ValueError(
             f"run '{run}' already exists; pass --resume to continue it or --name to start another"
         )
     return run
+
+
+def create_run_dir(run: Path) -> None:
+    """Create the directory of a new run, atomically: of two processes creating the same
+    run, one wins and the other gets a clear error (never a half-shared directory)."""
+    run.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run.mkdir()
+    except FileExistsError:
+        raise ValueError(f"run '{run}' was just created by another process; pass --name to "
+                         "start another, or --resume to continue that one") from None
+
+
+class RunLock:
+    """An exclusive lock on a run directory while a process trains it.
+
+    An OS file lock (``filelock``: ``flock`` on POSIX, ``msvcrt`` on Windows) on
+    ``<run>/.lock``: the operating system releases it when the process ends, so ``kill -9``
+    never leaves a stale lock. ``<run>/.lock.owner`` names the holder, for the error message.
+    """
+
+    def __init__(self, run: Path) -> None:
+        self.run = Path(run)
+        self._lock = None
+
+    def acquire(self) -> RunLock:
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(self.run / ".lock"), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            try:
+                who = (self.run / ".lock.owner").read_text(encoding="utf-8").strip()[:200]
+            except OSError:
+                who = "another process"
+            raise ValueError(f"run '{self.run}' is being trained by {who}; wait for it to "
+                             "finish (or stop it) before training or resuming it") from None
+        self._lock = lock
+        owner = f"process {os.getpid()} on {socket.gethostname()} (since " \
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')})"
+        atomic_write_text(self.run / ".lock.owner", owner + "\n")
+        return self
+
+    def release(self) -> None:
+        if self._lock is not None:
+            (self.run / ".lock.owner").unlink(missing_ok=True)
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def set_latest(runs_dir: Path, run: Path) -> None:
@@ -72,13 +149,13 @@ def set_latest(runs_dir: Path, run: Path) -> None:
 
 def find_latest(runs_dir: Path) -> Path:
     """The newest run under `runs_dir`: the LATEST pointer, else the newest checkpoint."""
-    runs_dir = Path(runs_dir)
+    runs_dir = check_runs_dir(runs_dir)
     pointer = runs_dir / LATEST
     try:  # a damaged or hostile pointer (`../../etc`, `/etc`, binary) is ignored, never followed
         name = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
     except (OSError, UnicodeDecodeError):
         name = ""
-    if name and _safe_name(name) and (runs_dir / name).is_dir():
+    if name and _safe_name(name) and has_checkpoint(runs_dir / name):
         return runs_dir / name
     candidates = [p.parent for p in runs_dir.glob("*/last.pt")]
     if not candidates:
@@ -87,6 +164,10 @@ def find_latest(runs_dir: Path) -> Path:
             "or pass --run / --runs-dir"
         )
     return max(candidates, key=lambda p: (p / "last.pt").stat().st_mtime)
+
+
+def has_checkpoint(run: Path) -> bool:
+    return (run / "last.pt").is_file() or (run / "best.pt").is_file()
 
 
 def resolve_checkpoint(run: str | Path | None, runs_dir: Path, prefer: str = "best.pt") -> Path:
@@ -198,7 +279,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile,
             ValueError, AttributeError, TypeError, IndexError, KeyError) as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        first = first_sentences(str(e)) or type(e).__name__
         raise ValueError(
             f"'{path}' is not a loadable charlm checkpoint (truncated, corrupt, or not a "
             f"checkpoint; loading refused to run any code): {first}"
@@ -211,6 +292,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"charlm reads version {VERSION}; use the charlm release that wrote it"
         )
     return ckpt
+
+
+def first_sentences(text: str, limit: int = 200) -> str:
+    """The first line of `text`, cut after whole sentences (or words) to about `limit`
+    characters, so that a quoted error never stops mid-word."""
+    line = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if len(line) <= limit:
+        return line
+    cut = max(line.rfind(". ", 0, limit), line.rfind("; ", 0, limit))
+    if cut > limit // 3:
+        return line[: cut + 1]
+    return line[: line.rfind(" ", 0, limit)].rstrip(",;:") + " ..."
 
 
 # ---------------------------------------------------------------------------- load a run
@@ -238,3 +331,20 @@ def load_run(checkpoint: Path, device: torch.device | str = "cpu") -> LoadedRun:
     except (KeyError, TypeError, RuntimeError) as e:
         raise ValueError(f"'{checkpoint}' is a damaged charlm checkpoint: {e}") from None
     return LoadedRun(Path(checkpoint), ckpt, model.to(device), cfg, vocab)
+
+
+def load_run_for_use(run: str | Path | None, runs_dir: Path, device: torch.device | str,
+                     notice: Callable[[str], None]) -> LoadedRun:
+    """The run `sample` and `eval` use: `best.pt` of a run directory (or of the newest run),
+    else `last.pt`; a damaged `best.pt` falls back to `last.pt` with a one-line notice. A
+    checkpoint file named explicitly is loaded as it is."""
+    path = resolve_checkpoint(run, runs_dir)
+    try:
+        return load_run(path, device)
+    except ValueError as e:
+        fallback = path.with_name("last.pt")
+        if path.name != "best.pt" or not fallback.is_file() or (
+                run is not None and Path(run).is_file()):
+            raise
+        notice(f"notice: {path} is damaged ({first_sentences(str(e), 120)}); using {fallback}")
+        return load_run(fallback, device)

@@ -126,7 +126,8 @@ def train(
     if config is None and not resume:
         _fail("--config is required (a preset: hello, rnn, lstm, gru, transformer; or a YAML "
               "file), e.g. charlm train --config lstm", code=2)
-    cfg = load_config(config) if config is not None else None
+    # the overrides apply before the file is checked, so --set can fix a bad value in it
+    cfg = load_config(config, overrides) if config is not None else None
     result = run_training(cfg, runs_dir=runs_dir, name=name, resume=resume,
                           overrides=overrides, quiet=quiet)
     from .distributed import is_main
@@ -159,13 +160,13 @@ def sample(
     device: DeviceOpt = None,
 ) -> None:
     """Continue --prime with the newest run (or --run); the text goes to stdout."""
-    from .checkpoint import load_run, resolve_checkpoint
+    from .checkpoint import load_run_for_use
     from .device import resolve_device
     from .sample import check_sampling_options, generate
 
     check_sampling_options(length, temperature, top_k, top_p)
     dev = resolve_device(device or "auto")
-    loaded = load_run(resolve_checkpoint(run, runs_dir), dev)
+    loaded = load_run_for_use(run, runs_dir, dev, notice=lambda m: typer.echo(m, err=True))
     missing = loaded.vocab.missing(prime)
     if missing:
         shown = "".join(missing[:20])
@@ -173,15 +174,21 @@ def sample(
                    f"prime ({shown!r}); they are skipped when conditioning", err=True)
     known = "".join(c for c in prime if c in loaded.vocab.stoi)
     out = sys.stdout
-    out.write(prime)
-    out.flush()
-    for ch in generate(loaded.model, loaded.vocab, known, length, temperature=temperature,
-                       top_k=top_k, top_p=top_p, seed=seed, device=dev):
-        out.write(ch)
-        if ch == "\n":
-            out.flush()
-    out.write("\n")
-    out.flush()
+    try:
+        out.write(prime)
+        out.flush()
+        for ch in generate(loaded.model, loaded.vocab, known, length, temperature=temperature,
+                           top_k=top_k, top_p=top_p, seed=seed, device=dev):
+            out.write(ch)
+            if ch == "\n":
+                out.flush()
+        out.write("\n")
+        out.flush()
+    except BrokenPipeError:
+        # The reader left (`charlm sample | head`): stop quietly, as Unix tools do. Python
+        # would report the pipe again when it flushes stdout at exit, so point it at devnull.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
 
 
 # ---------------------------------------------------------------------------- eval
@@ -199,13 +206,20 @@ def eval_(
     device: DeviceOpt = None,
 ) -> None:
     """Loss (nats/char), bits per character and perplexity of a run on its validation split."""
-    from .checkpoint import load_run, resolve_checkpoint
-    from .data import decode_corpus, encode_text, load_dataset, read_files
+    from .checkpoint import load_run_for_use
+    from .data import (
+        check_corpus,
+        decode_corpus,
+        encode_text,
+        load_dataset,
+        missing_corpus,
+        read_files,
+    )
     from .device import resolve_device
     from .evaluate import evaluate_tokens
 
     dev = resolve_device(device or "auto")
-    loaded = load_run(resolve_checkpoint(run, runs_dir), dev)
+    loaded = load_run_for_use(run, runs_dir, dev, notice=lambda m: typer.echo(m, err=True))
     if data is not None:
         if data.is_dir():
             raise ValueError(f"--data '{data}' is a directory; give one text file to score")
@@ -222,12 +236,19 @@ def eval_(
         # the smallest dtype (uint8 for most vocabularies), not int64: scored window by window
         tokens, what = encode_text(text, loaded.vocab), str(data)
     else:
-        ds = load_dataset(loaded.cfg.data)
+        recorded = loaded.ckpt.get("corpus")
+        fix = "score a file of your choice with --data FILE"
+        try:
+            ds = load_dataset(loaded.cfg.data)
+        except FileNotFoundError:
+            raise missing_corpus(loaded.cfg.data.source, recorded, fix) from None
+        check_corpus(ds, recorded, fix)
         if ds.vocab.chars != loaded.vocab.chars:
             raise ValueError(f"the corpus '{loaded.cfg.data.source}' changed since training "
                              "(different vocabulary); score a file with --data")
         tokens, what = ds.val, f"validation split of {loaded.cfg.data.source}"
-    score = evaluate_tokens(loaded.model, tokens, loaded.cfg.train.seq_len, dev)
+    score = evaluate_tokens(loaded.model, tokens, loaded.cfg.train.seq_len, dev,
+                            progress=sys.stderr.isatty())
     if as_json:
         typer.echo(json.dumps(score.to_dict()))
     else:

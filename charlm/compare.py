@@ -54,6 +54,7 @@ class Row:
 
 
 FIELDS = [f.name for f in dataclasses.fields(Row)]  # the columns of compare.csv
+OUTPUT_NAMES = ("compare.csv", "compare.md", "compare.png")  # what a comparison writes
 
 
 @dataclass
@@ -140,6 +141,12 @@ def prepare(configs: list[str], overrides: list[str] | None, params: str | None,
     if not configs:
         raise ValueError("give at least one config to compare, e.g. charlm compare rnn lstm "
                          "gru transformer")
+    ckpt_io.check_runs_dir(runs_dir)
+    taken = [n for n in OUTPUT_NAMES if (Path(out_dir) / n).exists()]
+    if taken:
+        raise ValueError(f"--out '{out_dir}' already holds a comparison ({', '.join(taken)}); "
+                         "pass another --out, or leave it out for a fresh "
+                         "RUNS_DIR/compare-<timestamp> folder")
     target = parse_params(params) if params is not None else None
     overrides = list(overrides or []) + ([f"train.device={device}"] if device else [])
     cfgs = [load_config(c, overrides) for c in configs]

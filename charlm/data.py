@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DataConfig
+from .config import NAMED_CORPORA, DataConfig
 
 TINYSHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -334,6 +334,43 @@ class Dataset:
     source: str
     num_chars: int
     val_is_train: bool = False  # val_fraction 0: the training text doubles as validation
+    digest: str = ""  # SHA-256 of the corpus files as stored, joined in order
+    size_bytes: int = 0
+
+    def identity(self) -> dict:
+        """What a run records of its corpus, to notice later if it changed or went away."""
+        return {"source": self.source, "bytes": self.size_bytes, "sha256": self.digest}
+
+
+def absolute_source(source: str) -> str:
+    """`data.source` with a relative path (or glob) made absolute, so that a run's saved
+    config names the same files from any directory; named corpora stay as they are."""
+    if source in NAMED_CORPORA:
+        return source
+    path = Path(source).expanduser()
+    if any(ch in source for ch in "*?[") and not path.exists():
+        return os.path.abspath(os.path.expanduser(source))
+    return str(path.resolve())
+
+
+def check_corpus(ds: Dataset, recorded: dict | None, fix: str) -> None:
+    """Refuse a corpus that is not the one a run recorded (`Dataset.identity`)."""
+    if not recorded or not recorded.get("sha256") or recorded["sha256"] == ds.digest:
+        return
+    raise ValueError(
+        f"the corpus '{ds.source}' changed since the run was trained: it was "
+        f"{recorded['bytes']:,} bytes with SHA-256 {recorded['sha256'][:16]}..., it is now "
+        f"{ds.size_bytes:,} bytes with SHA-256 {ds.digest[:16]}...; {fix}"
+    )
+
+
+def missing_corpus(source: str, recorded: dict | None, fix: str) -> FileNotFoundError:
+    """The error for a run's corpus that is gone, with what was recorded of it."""
+    was = ""
+    if recorded and recorded.get("sha256"):
+        was = (f" (it was {recorded['bytes']:,} bytes with SHA-256 "
+               f"{recorded['sha256'][:16]}...)")
+    return FileNotFoundError(f"the run's corpus '{source}' is gone{was}; {fix}")
 
 
 def _cache_paths(key: str) -> tuple[Path, Path]:
@@ -426,7 +463,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     files = source_files(cfg.source)
     # One key for lookup and write: the digest of the files as stored (a byte-order mark
     # included), so the corpus is hashed once, and a BOM file hits the cache too.
-    key = _corpus_digest(files)[:24]
+    digest = _corpus_digest(files)
+    key = digest[:24]
     cached = _open_cached(key)
     if cached is None:
         raw = read_files(files)
@@ -439,9 +477,10 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     n = len(tokens)
     # Split as nanoGPT's shakespeare_char does (train = first int(0.9 n)), so figures compare.
     n_train = int(n * (1 - cfg.val_fraction))
+    size = sum(f.stat().st_size for f in files)
     if n_train >= n:
-        return Dataset(vocab, tokens, tokens, cfg.source, n, val_is_train=True)
-    return Dataset(vocab, tokens[:n_train], tokens[n_train:], cfg.source, n)
+        return Dataset(vocab, tokens, tokens, cfg.source, n, True, digest, size)
+    return Dataset(vocab, tokens[:n_train], tokens[n_train:], cfg.source, n, False, digest, size)
 
 
 def check_lengths(ds: Dataset, seq_len: int) -> None:

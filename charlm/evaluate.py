@@ -10,11 +10,13 @@ is the quick version used during training.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from .device import autocast
 from .model import detach_state
@@ -60,14 +62,17 @@ def estimate_loss(model: nn.Module, batches, device: torch.device) -> float:
 
 @torch.no_grad()
 def evaluate_tokens(model: nn.Module, tokens: torch.Tensor, seq_len: int, device: torch.device,
-                    batch_size: int = 64) -> Score:
-    """Score every character of `tokens` (after the first) once; returns the mean loss."""
+                    batch_size: int = 64, progress: bool = False) -> Score:
+    """Score every character of `tokens` (after the first) once; returns the mean loss.
+    `progress` shows a bar (on stderr) of the characters scored."""
     was_training = model.training
     model.eval()
     n = len(tokens) - 1
     streams = max(1, min(batch_size, n // max(seq_len, 1)))
     stream_len = n // streams
     total = 0.0
+    bar = tqdm(total=n, unit="char", unit_scale=True, dynamic_ncols=True, leave=False,
+               file=sys.stderr, disable=not progress)
 
     def score(starts: torch.Tensor, length: int) -> float:
         """Loss summed over `length` characters of each stream starting at `starts` (B,)."""
@@ -83,11 +88,13 @@ def evaluate_tokens(model: nn.Module, tokens: torch.Tensor, seq_len: int, device
             state = detach_state(state)
             loss_sum += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
                                         reduction="sum").item()
+            bar.update(y.numel())
         return loss_sum
 
     total += score(torch.arange(streams) * stream_len, stream_len)
     tail = n - streams * stream_len  # what the streams left over, scored as one more stream
     if tail > 0:
         total += score(torch.tensor([streams * stream_len]), tail)
+    bar.close()
     model.train(was_training)
     return Score(loss=total / n, chars=n)

@@ -15,8 +15,10 @@ per-rank RNG, data position and hidden state are gathered into its checkpoints.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -32,7 +34,16 @@ from tqdm import tqdm
 from . import checkpoint as ckpt_io
 from . import distributed
 from .config import Config, apply_overrides, config_to_yaml, from_dict, load_config, validate
-from .data import RandomBatcher, StreamBatcher, check_lengths, eval_batches, load_dataset
+from .data import (
+    RandomBatcher,
+    StreamBatcher,
+    absolute_source,
+    check_corpus,
+    check_lengths,
+    eval_batches,
+    load_dataset,
+    missing_corpus,
+)
 from .device import autocast, resolve_device
 from .evaluate import bits_per_char, estimate_loss
 from .model import build_model, count_parameters, detach_state, map_state
@@ -85,12 +96,15 @@ def get_lr(step: int, progress: float, t) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; weight decay only on matrices of linear/recurrent layers (not biases, norms or
-    embeddings), as nanoGPT does."""
+    """AdamW; weight decay on the weight matrices of linear and recurrent layers only: never
+    on biases, norms or embedding tables (token or position). The rule goes by module type
+    (an `nn.Embedding`'s table is exempt) and tensor rank, not by parameter name. nanoGPT
+    decays every matrix, embeddings included; charlm follows the more common choice of
+    leaving lookup tables alone, whose rows a character only updates when it occurs."""
+    embedding_tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and "embed" not in name and "tok" not in name
-         and "pos" not in name else no_decay).append(p)
+    for p in model.parameters():
+        (decay if p.dim() >= 2 and id(p) not in embedding_tables else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     fused = device.type == "cuda"
@@ -136,6 +150,39 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class BudgetBar:
+    """The progress bar of the budget that will end the run first: steps (`train.max_steps`)
+    or seconds of training (`train.max_time`), so that its ETA is true. It starts in steps and
+    switches to seconds once the measured time per step says the clock will run out first."""
+
+    def __init__(self, t, step: int, elapsed: float, enabled: bool) -> None:
+        self.t, self.step0, self.elapsed0 = t, step, elapsed
+        self.by_time = False
+        self.bar = tqdm(total=t.max_steps, initial=step, unit="step", dynamic_ncols=True,
+                        disable=not enabled)
+
+    def advance(self, step: int, elapsed: float) -> None:
+        t, ran = self.t, step - self.step0
+        if not self.by_time and t.max_time is not None and ran >= 3:
+            per_step = (elapsed - self.elapsed0) / ran
+            if per_step > 0 and step + (t.max_time - elapsed) / per_step < t.max_steps:
+                self.by_time = True
+                self.bar.unit = "s"
+                self.bar.reset(total=round(t.max_time))
+                self.bar.update(round(elapsed))
+        if self.by_time:
+            self.bar.set_description(f"step {step}", refresh=False)
+            self.bar.update(max(0, min(round(elapsed), self.bar.total) - self.bar.n))
+        else:
+            self.bar.update(1)
+
+    def set_postfix(self, **kw) -> None:
+        self.bar.set_postfix(**kw)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 @contextmanager
@@ -194,17 +241,55 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
     ctx = distributed.setup()
     quiet = quiet or not ctx.is_main
     run_dir, cfg, resumed = _prepare_run(cfg, runs_dir, name, resume, overrides)
+    lock, created = None, False
+    if ctx.is_main:
+        if resumed is None and not run_dir.exists():
+            ckpt_io.create_run_dir(run_dir)  # atomic: a concurrent creator gets a clear error
+            created = True
+        try:
+            lock = ckpt_io.RunLock(run_dir).acquire()  # one process trains a run at a time
+        except ValueError:
+            if created:
+                run_dir.rmdir()
+            raise
+    try:
+        return _train(ctx, cfg, runs_dir, run_dir, resumed, quiet)
+    except (TrainingInterrupted, KeyboardInterrupt):
+        raise  # the resume command it prints needs the directory
+    except BaseException:
+        # A run that failed before its first checkpoint (out of memory, a bad device) leaves
+        # nothing behind: no half run for `LATEST`, `sample` or `eval` to trip over.
+        if created and not ckpt_io.has_checkpoint(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(ctx, cfg: Config, runs_dir: Path, run_dir: Path, resumed: dict | None,
+           quiet: bool) -> TrainResult:
+    """The body of :func:`train` once the run directory is chosen (and locked)."""
     t = cfg.train
     device = distributed.rank_device(resolve_device(t.device), ctx)  # cuda:LOCAL_RANK
     if device.type == "cuda":  # TF32 tensor cores for the float32 matmuls autocast leaves
         torch.set_float32_matmul_precision("high")
     # Rank 0 fills the token cache, then the others map it. Its barrier also means every rank
     # is past _prepare_run's checks before rank 0 creates the run directory below.
-    with distributed.main_first():
-        ds = load_dataset(cfg.data)
+    recorded = resumed.get("corpus") if resumed is not None else None
+    try:
+        with distributed.main_first():
+            ds = load_dataset(cfg.data)
+    except FileNotFoundError:
+        if resumed is None:
+            raise
+        raise missing_corpus(cfg.data.source, recorded, "restore it to resume this run, or "
+                             "start a new run with --name") from None
     check_lengths(ds, t.seq_len)
     if resumed is not None:
         distributed.check_resume_world_size(resumed.get("world_size", 1), ctx, run_dir)
+        check_corpus(ds, recorded, "restore that text to resume this run, or start a new run "
+                     "on the new text with --name")
     if resumed is not None and resumed["vocab"] != ds.vocab.chars:
         raise ValueError(f"cannot resume '{run_dir}': the corpus '{cfg.data.source}' changed "
                          "since the run started (different vocabulary)")
@@ -233,15 +318,13 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
         state = map_state(lambda x: x.to(device), mine["hidden_state"])
         step, best_val = resumed["step"], resumed["best_val_loss"]
         elapsed = resumed["elapsed_s"]
+        _check_budget_left(run_dir, t, step, elapsed)
         if ctx.is_main:
             _truncate_metrics(run_dir / "metrics.csv", step)
-    elif ctx.is_main:  # the directory appears only now that data, model and device work
-        run_dir.mkdir(parents=True, exist_ok=resume)  # resume: a run with no checkpoint yet
+    elif ctx.is_main:  # config and metrics appear once data, model and device work
         ckpt_io.atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
         with open(run_dir / "metrics.csv", "w", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, METRIC_FIELDS).writeheader()
-    if ctx.is_main:
-        ckpt_io.set_latest(runs_dir, run_dir)
     params = count_parameters(model)
     val_batches = list(eval_batches(ds.val, t.batch_size, t.seq_len, t.eval_steps))
 
@@ -258,8 +341,10 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
             "config": cfg.to_dict(), "vocab": ds.vocab.chars, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "step": step, "best_val_loss": best_val,
             "elapsed_s": elapsed, **per_rank, "world_size": ctx.world_size,
-            "params": params,
+            "params": params, "corpus": ds.identity(),
         })
+        if path_name == "last.pt":  # LATEST names a run only once it has a checkpoint
+            ckpt_io.set_latest(runs_dir, run_dir)
 
     def evaluate_and_save() -> float:
         nonlocal best_val
@@ -287,8 +372,7 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
 
     # ---- the loop
     interactive = not quiet and sys.stderr.isatty()
-    bar = tqdm(total=t.max_steps, initial=step, unit="step", dynamic_ncols=True,
-               disable=not interactive)
+    bar = BudgetBar(t, step, elapsed, enabled=interactive)
     tokens_per_step = t.batch_size * t.seq_len * ctx.world_size  # all ranks together
     loss_sum, loss_count, window_start, window_steps = 0.0, 0, time.perf_counter(), 0
     tokens_per_s, last_val = 0.0, None
@@ -332,6 +416,17 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
                         if not quiet:
                             tqdm.write(f"step {step + 1}: non-finite loss or gradient, step "
                                        "skipped (train.skip_nonfinite)", file=sys.stderr)
+                        # a skipped step still spends the time budget and still stops on Ctrl-C
+                        elapsed += time.perf_counter() - t0
+                        stopping = stop["stop"]
+                        if ctx.active:
+                            elapsed, votes = distributed.all_mean([elapsed, float(stopping)])
+                            stopping = votes > 0
+                        if stopping:
+                            save("last.pt")
+                            raise TrainingInterrupted(
+                                f"interrupted at step {step}; saved {run_dir / 'last.pt'}. "
+                                f"Resume with: {resume_command}")
                         continue
                     save("last.pt")  # weights are still the last good ones
                     what = "loss" if not math.isfinite(loss_value) else "gradient"
@@ -369,7 +464,7 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
                                     val_bpc=_fmt(last_val and bits_per_char(last_val), 3),
                                     tok_s=f"{tokens_per_s:.0f}")
                     loss_sum, loss_count, window_start, window_steps = 0.0, 0, now, 0
-                bar.update(1)
+                bar.advance(step, elapsed)
                 # evaluate, sample, checkpoint
                 done = step >= t.max_steps or (t.max_time is not None and elapsed >= t.max_time)
                 if step % t.eval_interval == 0 or done or stopping:
@@ -405,10 +500,11 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
 def _prepare_run(cfg: Config | None, runs_dir: Path, name: str | None, resume: bool,
                  overrides: list[str] | None) -> tuple[Path, Config, dict | None]:
     """Create a new run directory, or load `last.pt` of the run to resume (nothing is lost)."""
+    ckpt_io.check_runs_dir(runs_dir)
     if not resume:
         if cfg is None:
             raise ValueError("no config given: pass --config (a preset name or a YAML file)")
-        cfg = validate(apply_overrides(cfg, overrides))
+        cfg = _absolute(validate(apply_overrides(cfg, overrides)))
         if name is None:  # default names are unique even for runs started in the same second
             name = ckpt_io.unique_name(ckpt_io.default_run_name(cfg.model.cell),
                                        lambda n: (runs_dir / n).exists())
@@ -438,5 +534,28 @@ def _prepare_run(cfg: Config | None, runs_dir: Path, name: str | None, resume: b
         saved = validate(from_dict(resumed["config"], origin=str(source)))
     # Keys not locked (max_steps, max_time, device, lr, ...) may change on resume.
     new = validate(apply_overrides(cfg if cfg is not None else saved, overrides))
+    if cfg is not None:  # a config file given again names its corpus as the user typed it
+        new = _absolute(new) if _absolute(new).data.source == saved.data.source else new
     check_resume_compatible(saved, new)
     return run_dir, new, resumed
+
+
+def _absolute(cfg: Config) -> Config:
+    """`cfg` with `data.source` absolute (see `data.absolute_source`)."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, source=absolute_source(cfg.data.source)))
+
+
+def _check_budget_left(run_dir: Path, t, step: int, elapsed: float) -> None:
+    """A resumed run whose budget is spent would train nothing: say which budget stopped it
+    and how to extend it."""
+    resume = f"charlm train --name {run_dir.name} --runs-dir {run_dir.parent} --resume"
+    if step >= t.max_steps:
+        raise ValueError(
+            f"run '{run_dir}' has already trained its train.max_steps={t.max_steps} steps; "
+            f"to train longer: {resume} --set train.max_steps={2 * t.max_steps}")
+    if t.max_time is not None and elapsed >= t.max_time:
+        raise ValueError(
+            f"run '{run_dir}' has already used its train.max_time={t.max_time:g} s "
+            f"({elapsed:.0f} s trained); to train longer: {resume} --set "
+            f"train.max_time={2 * t.max_time:g}")

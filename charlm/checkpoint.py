@@ -301,7 +301,7 @@ def first_sentences(text: str, limit: int = 200) -> str:
     if len(line) <= limit:
         return line
     cut = max(line.rfind(". ", 0, limit), line.rfind("; ", 0, limit))
-    if cut > limit // 3:
+    if cut > 0:  # whole sentences
         return line[: cut + 1]
     return line[: line.rfind(" ", 0, limit)].rstrip(",;:") + " ..."
 

@@ -164,7 +164,7 @@ def sample(
     from .device import resolve_device
     from .sample import check_sampling_options, generate
 
-    check_sampling_options(length, temperature, top_k, top_p)
+    check_sampling_options(length, temperature, top_k, top_p, seed)
     dev = resolve_device(device or "auto")
     loaded = load_run_for_use(run, runs_dir, dev, notice=lambda m: typer.echo(m, err=True))
     missing = loaded.vocab.missing(prime)

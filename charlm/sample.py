@@ -15,11 +15,17 @@ from torch import nn
 
 from .data import Vocab
 
+MAX_LENGTH = 10**9  # characters one `charlm sample` generates at most
+MAX_SEED = 2**63 - 1  # torch generators take a signed 64-bit seed
 
-def check_sampling_options(length: int, temperature: float, top_k: int, top_p: float) -> None:
+
+def check_sampling_options(length: int, temperature: float, top_k: int, top_p: float,
+                           seed: int | None = None) -> None:
     """Raise ValueError naming the flag for any out-of-range sampling option."""
-    if length < 0:
-        raise ValueError(f"--length must be >= 0, got {length}")
+    if not 0 <= length <= MAX_LENGTH:
+        raise ValueError(f"--length must be between 0 and {MAX_LENGTH:,}, got {length}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"--seed must be between 0 and 2**63 - 1, got {seed}")
     if not 0 <= temperature < math.inf:
         raise ValueError(f"--temperature must be a number >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:

@@ -241,17 +241,22 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
     ctx = distributed.setup()
     quiet = quiet or not ctx.is_main
     run_dir, cfg, resumed = _prepare_run(cfg, runs_dir, name, resume, overrides)
-    lock, created = None, False
+    # Every rank has checked the run (the collective below waits for all); rank 0 alone then
+    # creates and locks it, and its outcome is every rank's.
+    lock, created, refused = None, False, distributed.broadcast_object(None)
     if ctx.is_main:
-        if resumed is None and not run_dir.exists():
-            ckpt_io.create_run_dir(run_dir)  # atomic: a concurrent creator gets a clear error
-            created = True
         try:
+            if resumed is None and not run_dir.exists():
+                ckpt_io.create_run_dir(run_dir)  # atomic: a concurrent creator gets an error
+                created = True
             lock = ckpt_io.RunLock(run_dir).acquire()  # one process trains a run at a time
-        except ValueError:
+        except ValueError as e:
             if created:
                 run_dir.rmdir()
-            raise
+            refused = str(e)
+    refused = distributed.broadcast_object(refused)
+    if refused:
+        raise ValueError(refused)
     try:
         return _train(ctx, cfg, runs_dir, run_dir, resumed, quiet)
     except (TrainingInterrupted, KeyboardInterrupt):
@@ -267,6 +272,132 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
             lock.release()
 
 
+@dataclass
+class TrainState:
+    """The loop's own state: what a checkpoint holds besides the model, the optimizer, the
+    data position and the RNGs (each saved from its own object)."""
+
+    step: int = 0
+    best_val_loss: float = math.inf
+    elapsed_s: float = 0.0  # seconds of training; evaluation excluded
+    hidden: object = None  # the carried recurrent state (None between random windows)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "best_val_loss": self.best_val_loss,
+                "elapsed_s": self.elapsed_s}
+
+
+class MetricsLog:
+    """`metrics.csv`: one row every `log_interval` steps and one per evaluation; written by
+    rank 0 alone."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def start(self) -> None:
+        with open(self.path, "w", newline="", encoding="utf-8") as f:
+            csv.DictWriter(f, METRIC_FIELDS).writeheader()
+
+    def truncate(self, step: int) -> None:
+        _truncate_metrics(self.path, step)
+
+    def write(self, **row) -> None:
+        _write_metrics(self.path, row)
+
+
+class Checkpointer:
+    """Writes `last.pt` and `best.pt`. Saving is a collective under torchrun: every rank's
+    RNG, data position and hidden state are gathered (for an exact resume of each rank), so all
+    ranks call `save` at the same steps, and rank 0 writes the file."""
+
+    def __init__(self, ctx, run_dir: Path, runs_dir: Path, cfg: Config, ds, model, optimizer,
+                 batcher, device: torch.device) -> None:
+        self.ctx, self.run_dir, self.runs_dir, self.cfg, self.ds = ctx, run_dir, runs_dir, cfg, ds
+        self.model, self.optimizer, self.batcher, self.device = model, optimizer, batcher, device
+        self.params = count_parameters(model)
+
+    def save(self, name: str, st: TrainState) -> None:
+        ranks = distributed.all_gather_object({
+            "rng": _rng_state(self.device), "data_state": self.batcher.state_dict(),
+            "hidden_state": map_state(lambda x: x.cpu(), st.hidden)})
+        if not self.ctx.is_main:
+            return
+        per_rank = {k: [r[k] for r in ranks] for k in ranks[0]} if self.ctx.active else ranks[0]
+        ckpt_io.save_checkpoint(self.run_dir / name, {
+            "config": self.cfg.to_dict(), "vocab": self.ds.vocab.chars,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            **st.state_dict(), **per_rank, "world_size": self.ctx.world_size,
+            "params": self.params, "corpus": self.ds.identity(),
+        })
+        if name == "last.pt":  # LATEST names a run only once it has a checkpoint
+            ckpt_io.set_latest(self.runs_dir, self.run_dir)
+
+
+def train_step(fwd, model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor, hidden, grad_clip: float, device: torch.device, ctx):
+    """Forward, backward and clip one batch; the optimizer step is left to the caller, which
+    first checks the result is finite. Returns (loss, gradient norm before clipping, the new
+    hidden state); the loss is the mean over all ranks under torchrun."""
+    with autocast(device):
+        logits, new_hidden = fwd(x, hidden)  # (B, T, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    # clip, recording the norm before clipping (exploding gradients show here)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    loss_value = loss.item()
+    if ctx.active:  # the global mean: logged, and non-finite on every rank or none
+        loss_value = distributed.all_mean([loss_value])[0]
+    return loss_value, float(grad_norm), new_hidden
+
+
+def _stop_vote(st: TrainState, stop: dict, ctx) -> bool:
+    """Whether to stop after this step; under torchrun all ranks agree, and share one clock."""
+    stopping = stop["stop"]
+    if ctx.active:
+        st.elapsed_s, votes = distributed.all_mean([st.elapsed_s, float(stopping)])
+        stopping = votes > 0
+    return stopping
+
+
+def _non_finite_error(st: TrainState, t, loss_value: float, skipped: int,
+                      run_dir: Path) -> NonFiniteError:
+    what = "loss" if not math.isfinite(loss_value) else "gradient"
+    or_skip = "; or --set train.skip_nonfinite=true to skip such steps"
+    if t.skip_nonfinite:  # skipping cannot help: the weights themselves diverged
+        what, or_skip = f"loss or gradient in {skipped} consecutive steps", ""
+    return NonFiniteError(
+        f"non-finite {what} at step {st.step + 1}; training stopped and the last good weights "
+        f"are in {run_dir / 'last.pt'}. Lower train.lr (now {t.lr:g}) or set train.grad_clip "
+        f"(now {t.grad_clip:g}), then --resume{or_skip}")
+
+
+def _evaluate(st: TrainState, model, val_batches, ds, t, device, ctx, run_dir: Path,
+              metrics: MetricsLog, saver: Checkpointer, lr: float, interactive: bool) -> float:
+    """Validation loss, a sample into samples.txt, a metrics row, then best.pt (if better)
+    and last.pt. Rank 0 scores the plain module (not the DDP wrapper: no collectives) and
+    samples while the others wait in the broadcast, so all take the same best.pt decision."""
+    val = estimate_loss(model, val_batches, device) if ctx.is_main else math.nan
+    if t.sample_length and ctx.is_main:
+        text = "".join(generate(model, ds.vocab, "", t.sample_length, temperature=0.8,
+                                seed=t.seed + st.step, device=device))
+        with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
+            f.write(f"=== step {st.step} | val bpc {bits_per_char(val):.3f} ===\n{text}\n\n")
+        if interactive:
+            tqdm.write(f"step {st.step} sample: {text[:100]!r}", file=sys.stderr)
+    val = distributed.broadcast_object(val)
+    # The row is written before the checkpoints: a kill between the two then loses nothing (a
+    # resume from the previous checkpoint drops this row and logs it again).
+    metrics.write(step=st.step, elapsed_s=f"{st.elapsed_s:.2f}", val_loss=_fmt(val),
+                  val_bpc=_fmt(bits_per_char(val)), lr=f"{lr:.6g}")
+    if val < st.best_val_loss:
+        st.best_val_loss = val
+        saver.save("best.pt", st)
+    saver.save("last.pt", st)
+    return val
+
+
 def _train(ctx, cfg: Config, runs_dir: Path, run_dir: Path, resumed: dict | None,
            quiet: bool) -> TrainResult:
     """The body of :func:`train` once the run directory is chosen (and locked)."""
@@ -274,25 +405,7 @@ def _train(ctx, cfg: Config, runs_dir: Path, run_dir: Path, resumed: dict | None
     device = distributed.rank_device(resolve_device(t.device), ctx)  # cuda:LOCAL_RANK
     if device.type == "cuda":  # TF32 tensor cores for the float32 matmuls autocast leaves
         torch.set_float32_matmul_precision("high")
-    # Rank 0 fills the token cache, then the others map it. Its barrier also means every rank
-    # is past _prepare_run's checks before rank 0 creates the run directory below.
-    recorded = resumed.get("corpus") if resumed is not None else None
-    try:
-        with distributed.main_first():
-            ds = load_dataset(cfg.data)
-    except FileNotFoundError:
-        if resumed is None:
-            raise
-        raise missing_corpus(cfg.data.source, recorded, "restore it to resume this run, or "
-                             "start a new run with --name") from None
-    check_lengths(ds, t.seq_len)
-    if resumed is not None:
-        distributed.check_resume_world_size(resumed.get("world_size", 1), ctx, run_dir)
-        check_corpus(ds, recorded, "restore that text to resume this run, or start a new run "
-                     "on the new text with --name")
-    if resumed is not None and resumed["vocab"] != ds.vocab.chars:
-        raise ValueError(f"cannot resume '{run_dir}': the corpus '{cfg.data.source}' changed "
-                         "since the run started (different vocabulary)")
+    ds = _load_checked_dataset(cfg, ctx, run_dir, resumed)
 
     # ---- model, optimizer, data order
     torch.manual_seed(t.seed)
@@ -308,193 +421,152 @@ def _train(ctx, cfg: Config, runs_dir: Path, run_dir: Path, resumed: dict | None
                                               ctx.rank, ctx.world_size))
     wrapped = distributed.wrap(model, device, ctx)  # DDP: gradients all-reduced in backward
     fwd = torch.compile(wrapped) if t.compile else wrapped
-    state, step, best_val, elapsed = None, 0, math.inf, 0.0
+    st = TrainState()
+    metrics = MetricsLog(run_dir / "metrics.csv")
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         mine = _rank_part(resumed, ctx)  # this rank's data position, RNG and hidden state
         batcher.load_state_dict(mine["data_state"])
         _set_rng_state(mine["rng"], device)
-        state = map_state(lambda x: x.to(device), mine["hidden_state"])
-        step, best_val = resumed["step"], resumed["best_val_loss"]
-        elapsed = resumed["elapsed_s"]
-        _check_budget_left(run_dir, t, step, elapsed)
+        st = TrainState(resumed["step"], resumed["best_val_loss"], resumed["elapsed_s"],
+                        map_state(lambda x: x.to(device), mine["hidden_state"]))
+        _check_budget_left(run_dir, t, st.step, st.elapsed_s)
         if ctx.is_main:
-            _truncate_metrics(run_dir / "metrics.csv", step)
+            metrics.truncate(st.step)
     elif ctx.is_main:  # config and metrics appear once data, model and device work
         ckpt_io.atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
-        with open(run_dir / "metrics.csv", "w", newline="", encoding="utf-8") as f:
-            csv.DictWriter(f, METRIC_FIELDS).writeheader()
-    params = count_parameters(model)
+        metrics.start()
+    saver = Checkpointer(ctx, run_dir, runs_dir, cfg, ds, model, optimizer, batcher, device)
     val_batches = list(eval_batches(ds.val, t.batch_size, t.seq_len, t.eval_steps))
-
-    def save(path_name: str) -> None:
-        # Every rank's RNG, data position and hidden state, for an exact resume of each rank:
-        # a collective, so all ranks call save() at the same steps; rank 0 writes the file.
-        ranks = distributed.all_gather_object({
-            "rng": _rng_state(device), "data_state": batcher.state_dict(),
-            "hidden_state": map_state(lambda x: x.cpu(), state)})
-        if not ctx.is_main:
-            return
-        per_rank = {k: [r[k] for r in ranks] for k in ranks[0]} if ctx.active else ranks[0]
-        ckpt_io.save_checkpoint(run_dir / path_name, {
-            "config": cfg.to_dict(), "vocab": ds.vocab.chars, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "step": step, "best_val_loss": best_val,
-            "elapsed_s": elapsed, **per_rank, "world_size": ctx.world_size,
-            "params": params, "corpus": ds.identity(),
-        })
-        if path_name == "last.pt":  # LATEST names a run only once it has a checkpoint
-            ckpt_io.set_latest(runs_dir, run_dir)
-
-    def evaluate_and_save() -> float:
-        nonlocal best_val
-        # Rank 0 scores the plain module (not the DDP wrapper: no collectives) and samples
-        # while the others wait in the broadcast, so all take the same best.pt decision.
-        val = estimate_loss(model, val_batches, device) if ctx.is_main else math.nan
-        if t.sample_length and ctx.is_main:
-            text = "".join(generate(model, ds.vocab, "", t.sample_length, temperature=0.8,
-                                    seed=t.seed + step, device=device))
-            with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
-                f.write(f"=== step {step} | val bpc {bits_per_char(val):.3f} ===\n{text}\n\n")
-            if interactive:
-                tqdm.write(f"step {step} sample: {text[:100]!r}", file=sys.stderr)
-        val = distributed.broadcast_object(val)
-        # The row is written before the checkpoints: a kill between the two then loses nothing
-        # (a resume from the previous checkpoint drops this row and logs it again).
-        _write_metrics(run_dir / "metrics.csv", {
-            "step": step, "elapsed_s": f"{elapsed:.2f}", "val_loss": _fmt(val),
-            "val_bpc": _fmt(bits_per_char(val)), "lr": f"{lr:.6g}"})
-        if val < best_val:
-            best_val = val
-            save("best.pt")
-        save("last.pt")
-        return val
-
-    # ---- the loop
     interactive = not quiet and sys.stderr.isatty()
-    bar = BudgetBar(t, step, elapsed, enabled=interactive)
+    bar = BudgetBar(t, st.step, st.elapsed_s, enabled=interactive)
     tokens_per_step = t.batch_size * t.seq_len * ctx.world_size  # all ranks together
     loss_sum, loss_count, window_start, window_steps = 0.0, 0, time.perf_counter(), 0
-    tokens_per_s, last_val = 0.0, None
+    tokens_per_s, last_val, lr = 0.0, None, t.lr
     skipped = 0  # consecutive non-finite steps
     resume_command = (f"{distributed.launch_command(ctx)} --name {run_dir.name} "
                       f"--runs-dir {runs_dir} --resume")
     model.train()
+
+    def interrupted() -> TrainingInterrupted:
+        return TrainingInterrupted(f"interrupted at step {st.step}; saved {run_dir / 'last.pt'}"
+                                   f". Resume with: {resume_command}")
+
+    # ---- the loop
     try:
         with _graceful_stop() as stop:
-            while step < t.max_steps and (t.max_time is None or elapsed < t.max_time):
+            while st.step < t.max_steps and (t.max_time is None or st.elapsed_s < t.max_time):
                 t0 = time.perf_counter()
-                # learning rate for this step
-                progress = step / t.max_steps
+                # learning rate for this step: the budget that ends first sets the schedule
+                progress = st.step / t.max_steps
                 if t.max_time:
-                    progress = max(progress, elapsed / t.max_time)
-                lr = get_lr(step, progress, t)
+                    progress = max(progress, st.elapsed_s / t.max_time)
+                lr = get_lr(st.step, progress, t)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 # batch; a wrapped stream starts from a fresh state
                 x, y, reset = batcher.next()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if reset:
-                    state = None
-                # forward, backward
-                with autocast(device):
-                    logits, new_state = fwd(x, state)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                # clip, recording the norm before clipping (exploding gradients show here)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-                loss_value = loss.item()
-                if ctx.active:  # the global mean: logged, and non-finite on every rank or none
-                    loss_value = distributed.all_mean([loss_value])[0]
-                if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+                    st.hidden = None
+                # forward, backward, clip
+                loss_value, grad_norm, new_hidden = train_step(
+                    fwd, model, optimizer, x, y, st.hidden, t.grad_clip, device, ctx)
+                # a non-finite step is skipped (train.skip_nonfinite) or stops the run
+                if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                     skipped += 1
-                    if t.skip_nonfinite and skipped < MAX_SKIPPED_STEPS:
-                        optimizer.zero_grad(set_to_none=True)
-                        state = None
-                        if not quiet:
-                            tqdm.write(f"step {step + 1}: non-finite loss or gradient, step "
-                                       "skipped (train.skip_nonfinite)", file=sys.stderr)
-                        # a skipped step still spends the time budget and still stops on Ctrl-C
-                        elapsed += time.perf_counter() - t0
-                        stopping = stop["stop"]
-                        if ctx.active:
-                            elapsed, votes = distributed.all_mean([elapsed, float(stopping)])
-                            stopping = votes > 0
-                        if stopping:
-                            save("last.pt")
-                            raise TrainingInterrupted(
-                                f"interrupted at step {step}; saved {run_dir / 'last.pt'}. "
-                                f"Resume with: {resume_command}")
-                        continue
-                    save("last.pt")  # weights are still the last good ones
-                    what = "loss" if not math.isfinite(loss_value) else "gradient"
-                    or_skip = "; or --set train.skip_nonfinite=true to skip such steps"
-                    if t.skip_nonfinite:  # skipping cannot help: the weights themselves diverged
-                        what, or_skip = f"loss or gradient in {skipped} consecutive steps", ""
-                    raise NonFiniteError(
-                        f"non-finite {what} at step {step + 1}; training stopped and the last "
-                        f"good weights are in {run_dir / 'last.pt'}. Lower train.lr (now "
-                        f"{t.lr:g}) or set train.grad_clip (now {t.grad_clip:g}), then "
-                        f"--resume{or_skip}"
-                    )
+                    if not (t.skip_nonfinite and skipped < MAX_SKIPPED_STEPS):
+                        saver.save("last.pt", st)  # the weights are still the last good ones
+                        raise _non_finite_error(st, t, loss_value, skipped, run_dir)
+                    optimizer.zero_grad(set_to_none=True)
+                    st.hidden = None
+                    if not quiet:
+                        tqdm.write(f"step {st.step + 1}: non-finite loss or gradient, step "
+                                   "skipped (train.skip_nonfinite)", file=sys.stderr)
+                    # a skipped step still spends the time budget and still stops on Ctrl-C
+                    st.elapsed_s += time.perf_counter() - t0
+                    if _stop_vote(st, stop, ctx):
+                        saver.save("last.pt", st)
+                        raise interrupted()
+                    continue
+                # optimizer step; carry the hidden state, detached: gradients stop at the
+                # window start
                 optimizer.step()
                 skipped = 0
-                # carry the hidden state, detached: gradients stop at the window start
-                state = detach_state(new_state) if stateful else None
-                step += 1
-                elapsed += time.perf_counter() - t0
-                stopping = stop["stop"]
-                if ctx.active:  # all ranks stop together and on the same time budget
-                    elapsed, votes = distributed.all_mean([elapsed, float(stopping)])
-                    stopping = votes > 0
+                st.hidden = detach_state(new_hidden) if stateful else None
+                st.step += 1
+                st.elapsed_s += time.perf_counter() - t0
+                stopping = _stop_vote(st, stop, ctx)
+                # log
                 loss_sum, loss_count, window_steps = loss_sum + loss_value, loss_count + 1, \
                     window_steps + 1
-                # log
-                if step % t.log_interval == 0:
+                if st.step % t.log_interval == 0:
                     now = time.perf_counter()
                     tokens_per_s = window_steps * tokens_per_step / max(now - window_start, 1e-9)
-                    _write_metrics(run_dir / "metrics.csv", {
-                        "step": step, "elapsed_s": f"{elapsed:.2f}",
-                        "train_loss": _fmt(loss_sum / loss_count), "lr": f"{lr:.6g}",
-                        "grad_norm": _fmt(float(grad_norm)), "tokens_per_s": f"{tokens_per_s:.0f}",
-                    })
+                    metrics.write(step=st.step, elapsed_s=f"{st.elapsed_s:.2f}",
+                                  train_loss=_fmt(loss_sum / loss_count), lr=f"{lr:.6g}",
+                                  grad_norm=_fmt(grad_norm), tokens_per_s=f"{tokens_per_s:.0f}")
                     bar.set_postfix(loss=f"{loss_sum / loss_count:.3f}",
                                     val_bpc=_fmt(last_val and bits_per_char(last_val), 3),
                                     tok_s=f"{tokens_per_s:.0f}")
                     loss_sum, loss_count, window_start, window_steps = 0.0, 0, now, 0
-                bar.advance(step, elapsed)
+                bar.advance(st.step, st.elapsed_s)
                 # evaluate, sample, checkpoint
-                done = step >= t.max_steps or (t.max_time is not None and elapsed >= t.max_time)
-                if step % t.eval_interval == 0 or done or stopping:
+                done = st.step >= t.max_steps or (
+                    t.max_time is not None and st.elapsed_s >= t.max_time)
+                if st.step % t.eval_interval == 0 or done or stopping:
                     eval_start = time.perf_counter()
-                    last_val = evaluate_and_save()  # also logs the validation row
+                    last_val = _evaluate(st, model, val_batches, ds, t, device, ctx, run_dir,
+                                         metrics, saver, lr, interactive)
                     if not interactive and not quiet:
-                        print(f"step {step}/{t.max_steps} | val loss {last_val:.4f} | val bpc "
-                              f"{bits_per_char(last_val):.4f} | {tokens_per_s:.0f} tok/s | "
-                              f"{elapsed:.0f}s", file=sys.stderr, flush=True)
+                        print(f"step {st.step}/{t.max_steps} | val loss {last_val:.4f} | val "
+                              f"bpc {bits_per_char(last_val):.4f} | {tokens_per_s:.0f} tok/s | "
+                              f"{st.elapsed_s:.0f}s", file=sys.stderr, flush=True)
                     window_start += time.perf_counter() - eval_start  # keep tok/s training-only
+                # stop
                 if stopping:
-                    raise TrainingInterrupted(
-                        f"interrupted at step {step}; saved {run_dir / 'last.pt'}. Resume with: "
-                        f"{resume_command}")
+                    raise interrupted()
     except KeyboardInterrupt:
         # A second Ctrl-C can land mid-step (batch drawn, weights half-updated): saving then
         # would make a resume silently inexact, so the last checkpoint is kept as it is.
         raise TrainingInterrupted(
-            f"stopped at once (second Ctrl-C) during step {step + 1}; nothing more was saved. "
+            f"stopped at once (second Ctrl-C) during step {st.step + 1}; nothing more was saved. "
             f"Resume from the last checkpoint with: {resume_command}") from None
     finally:
         bar.close()
     # a resumed run that had nothing left to do (rank 0 decides: it alone sees the files)
     if distributed.broadcast_object(not (run_dir / "last.pt").exists()):
-        save("last.pt")
+        saver.save("last.pt", st)
     # The DDP wrapper's reducer holds the process group: free it now, while the group is
     # alive, not at some later garbage collection after the group was torn down.
     del fwd, wrapped
     distributed.cleanup()
-    return TrainResult(run_dir, step, best_val, elapsed, tokens_per_s, params)
+    return TrainResult(run_dir, st.step, st.best_val_loss, st.elapsed_s, tokens_per_s,
+                       saver.params)
+
+
+def _load_checked_dataset(cfg: Config, ctx, run_dir: Path, resumed: dict | None):
+    """The corpus, checked against what a resumed run recorded of it. Rank 0 fills the
+    token cache, then the other ranks map it."""
+    recorded = resumed.get("corpus") if resumed is not None else None
+    try:
+        with distributed.main_first():
+            ds = load_dataset(cfg.data)
+    except FileNotFoundError:
+        if resumed is None:
+            raise
+        raise missing_corpus(cfg.data.source, recorded, "restore it to resume this run, or "
+                             "start a new run with --name") from None
+    check_lengths(ds, cfg.train.seq_len)
+    if resumed is not None:
+        distributed.check_resume_world_size(resumed.get("world_size", 1), ctx, run_dir)
+        check_corpus(ds, recorded, "restore that text to resume this run, or start a new run "
+                     "on the new text with --name")
+        if resumed["vocab"] != ds.vocab.chars:
+            raise ValueError(f"cannot resume '{run_dir}': the corpus '{cfg.data.source}' "
+                             "changed since the run started (different vocabulary)")
+    return ds
 
 
 def _prepare_run(cfg: Config | None, runs_dir: Path, name: str | None, resume: bool,

@@ -18,6 +18,7 @@ from typing import Annotated
 import typer
 
 from . import __version__
+from .cli_look import register as register_look_commands
 
 app = typer.Typer(
     add_completion=False,
@@ -351,6 +352,9 @@ def bench(
                        repeats=default_repeats if repeats is None else repeats,
                        steps=default_steps if steps is None else steps, variants=variants)
     typer.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
+register_look_commands(app)  # charlm inspect, charlm gradients, charlm plot (charlm/cli_look.py)
 
 
 def main() -> None:

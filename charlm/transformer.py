@@ -5,6 +5,8 @@ It obeys the same contract as the recurrent models, `forward(idx, state) -> (log
 For training `state` is None. For sampling the state is a key/value cache, so each new
 character costs one position of attention instead of recomputing the whole context; when the
 cache reaches the context length it is rebuilt from the last half-context of characters.
+`trace` (for `charlm inspect`) runs the same model with the attention written out by hand,
+so its weights can be kept.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(width, width)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, cache: tuple | None) -> tuple[torch.Tensor, tuple]:
+    def forward(self, x: torch.Tensor, cache: tuple | None, need_weights: bool = False):
+        """x (B, T, C) -> (output (B, T, C), new cache (k, v), weights (B, heads, T, S) or
+        None); S = cached + new positions."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, heads, T, C / heads)
@@ -41,12 +45,18 @@ class SelfAttention(nn.Module):
         else:  # several new queries after a cache: causal over the new block only
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
             causal = False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        dropout_p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:  # the manual four lines, which keep the weights (charlm inspect)
+            allowed = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, heads, T, S)
+            weights = att.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+            y = F.dropout(weights, dropout_p, self.training) @ v
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.proj(y), (k, v)
+        return self.proj(y), (k, v), weights
 
 
 class Block(nn.Module):
@@ -60,11 +70,11 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: tuple | None) -> tuple[torch.Tensor, tuple]:
-        a, cache = self.attn(self.ln1(x), cache)
+    def forward(self, x: torch.Tensor, cache: tuple | None, need_weights: bool = False):
+        a, cache, weights = self.attn(self.ln1(x), cache, need_weights)
         x = x + self.drop(a)
         x = x + self.mlp(self.ln2(x))
-        return x, cache
+        return x, cache, weights
 
 
 class TransformerLM(nn.Module):
@@ -96,6 +106,24 @@ class TransformerLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, state: dict | None = None):
         """idx (B, T) -> logits (B, T, V); `state` is the sampling KV cache (or None)."""
+        logits, new_state, _ = self._run(idx, state, need_weights=False)
+        return logits, new_state
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.tok
+
+    def trace_kinds(self) -> dict[str, str]:
+        """"attn": attention weights; "x": the residual stream after each block (unbounded)."""
+        return {"attn": "attention", "x": "free"}
+
+    def trace(self, idx: torch.Tensor, state: dict | None = None):
+        """`forward` that also returns {"l{layer}.attn": (B, heads, T, S), "l{layer}.x":
+        (B, T, C)}: row t of attn holds the weights of the t-th new character over the S
+        positions ending with it (unseen later ones get 0), each row summing to 1."""
+        return self._run(idx, state, need_weights=True)
+
+    def _run(self, idx: torch.Tensor, state: dict | None, need_weights: bool):
         new_chars = idx.size(1)
         if state is not None and state["len"] + new_chars > self.context_len:
             # The cache is full. Learned positions cannot slide, so restart the cache from the
@@ -108,14 +136,17 @@ class TransformerLM(nn.Module):
         T = idx.size(1)
         positions = torch.arange(past, past + T, device=idx.device)
         x = self.drop(self.tok(idx) + self.pos(positions))  # (B, T, C)
-        caches = []
+        caches, trace = [], {}
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, None if state is None else state["kv"][i])
+            x, kv, weights = block(x, None if state is None else state["kv"][i], need_weights)
             caches.append(kv)
+            if need_weights:
+                trace[f"l{i}.attn"] = weights[:, :, -new_chars:]  # (B, heads, T, S)
+                trace[f"l{i}.x"] = x[:, -new_chars:]  # (B, T, C)
         logits = self.head(self.ln_f(x))[:, -new_chars:]  # (B, T, V)
         if not torch.is_grad_enabled() or not self.training:
             prev = idx if state is None else torch.cat([state["idx"], idx], dim=1)
             new_state = {"kv": caches, "len": past + T, "idx": prev}
         else:
             new_state = None  # training never reuses a cache; don't keep the graph alive
-        return logits, new_state
+        return logits, new_state, trace

@@ -523,20 +523,40 @@ def test_dropout_warns_for_one_layer():
     ("factory", "match"),
     [
         (lambda: cells.RNN(N_IN, N_H, nonlinearity="sigmoid"), "nonlinearity"),
-        (lambda: cells.RNNCell(N_IN, N_H, nonlinearity="gelu"), "nonlinearity"),
         (lambda: cells.LSTM(N_IN, N_H, num_layers=2, dropout=1.5), "dropout"),
         (lambda: cells.GRU(N_IN, N_H, num_layers=2, dropout=-0.1), "dropout"),
         (lambda: cells.RNN(N_IN, N_H, num_layers=2, dropout=True), "dropout"),
         (lambda: cells.LSTM(N_IN, 0), "hidden_size"),
         (lambda: cells.GRU(0, N_H), "input_size"),
         (lambda: cells.RNN(N_IN, N_H, num_layers=0), "num_layers"),
-        (lambda: cells.LSTMCell(N_IN, -3), "hidden_size"),
-        (lambda: cells.GRUCell(0, N_H), "input_size"),
     ],
 )
 def test_bad_arguments_raise_value_error(factory, match):
     with pytest.raises(ValueError, match=match):
         factory()
+
+
+@pytest.mark.parametrize("factory", [
+    lambda m: m.RNNCell(N_IN, N_H, nonlinearity="gelu"),
+    lambda m: m.LSTMCell(N_IN, -3),
+    lambda m: m.GRUCell(0, N_H),
+    lambda m: m.LSTMCell(N_IN, 0),
+    lambda m: m.GRUCell(2.0, N_H),
+])
+def test_cell_constructors_accept_and_refuse_what_torch_does(factory):
+    """torch.nn's cells check little: charlm's accept the same (an empty cell, a nonlinearity
+    refused only in forward) and refuse the rest with the same exception type."""
+    def outcome(module):
+        try:
+            made = factory(module)
+        except Exception as e:  # noqa: BLE001 - the type is what is compared
+            return type(e)
+        if getattr(made, "nonlinearity", "tanh") not in ("tanh", "relu"):
+            with pytest.raises(RuntimeError, match="nonlinearity"):
+                made(torch.randn(2, N_IN))
+        return None
+
+    assert outcome(cells) is outcome(nn)
 
 
 def test_bad_inputs_raise_like_torch():

@@ -74,6 +74,16 @@ def check_proj_size(proj_size: object, hidden_size: int) -> int:
     return int(proj_size)
 
 
+def check_cell_size(name: str, value: object) -> int:
+    """A cell's size as torch.nn's cells take it: an int (TypeError otherwise), zero allowed
+    (an empty cell), negative refused with torch's exception type (RuntimeError)."""
+    if not isinstance(value, int):
+        raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+    if value < 0:
+        raise RuntimeError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
 def check_nonlinearity(nonlinearity: object) -> str:
     if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
@@ -99,8 +109,8 @@ class _CellBase(nn.Module):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.input_size = check_size("input_size", input_size)
-        self.hidden_size = check_size("hidden_size", hidden_size)
+        self.input_size = check_cell_size("input_size", input_size)
+        self.hidden_size = check_cell_size("hidden_size", hidden_size)
         self.bias = bool(bias)
         G = num_chunks * hidden_size
         # Registration order matches torch.nn, so the same seed gives the same init.
@@ -116,7 +126,7 @@ class _CellBase(nn.Module):
 
     def reset_parameters(self) -> None:
         """Draw every parameter from U(-1/sqrt(H), 1/sqrt(H)), as torch.nn does."""
-        bound = 1.0 / math.sqrt(self.hidden_size)
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
 
@@ -160,11 +170,14 @@ class RNNCell(_CellBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self.nonlinearity = check_nonlinearity(nonlinearity)
+        # torch.nn.RNNCell accepts any nonlinearity here and refuses an unknown one in forward
+        self.nonlinearity = nonlinearity
         super().__init__(input_size, hidden_size, bias, 1, device, dtype)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         """h' (B, H) for input (B, I) and hx (B, H); unbatched (I,) -> (H,)."""
+        if self.nonlinearity not in NONLINEARITIES:
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
         x, hs, is_batched = self._batched(input, [] if hx is None else [hx])
         h = hs[0] if hs else self._zeros(x)
         h_next = rnn_step(

@@ -8,7 +8,9 @@ Read in this order:
 2. :mod:`charlm.cells.cell` — ``RNNCell``, ``LSTMCell``, ``GRUCell``: one step as a module.
 3. :mod:`charlm.cells.layer` — ``RNN``, ``LSTM``, ``GRU``: whole sequences with torch.nn's
    contract (stacking, dropout, bidirectional, proj_size, PackedSequence, unbatched input).
-4. :mod:`charlm.cells.fused` — speed only: the same math, fused and compiled; the tests hold
+4. :mod:`charlm.cells.minimal` — ``MinGRU``, ``MinLSTM`` (Feng et al. 2024): gates that see
+   x_t only, so a sequence is one parallel scan.
+5. :mod:`charlm.cells.fused` — speed only: the same math, fused and compiled; the tests hold
    it to the equations and to torch.nn.
 
 Same constructor arguments, parameter names, shapes and initialisation as torch.nn, so a
@@ -19,6 +21,7 @@ used. ``CHARLM_COMPILE=0`` turns the compiled step kernels off.
 from .cell import GRUCell, LSTMCell, RNNCell
 from .equations import gru_gates, gru_step, lstm_gates, lstm_step, rnn_step
 from .layer import GRU, LSTM, RNN
+from .minimal import MinGRU, MinLSTM
 
 __all__ = [
     "RNNCell",
@@ -27,6 +30,8 @@ __all__ = [
     "RNN",
     "LSTM",
     "GRU",
+    "MinGRU",
+    "MinLSTM",
     "rnn_step",
     "lstm_step",
     "lstm_gates",

@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["rnn_step", "lstm_gates", "lstm_step", "gru_gates", "gru_step"]
+__all__ = ["rnn_step", "lstm_gates", "lstm_step", "gru_gates", "gru_step", "min_g",
+           "min_gru_step", "min_lstm_step"]
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -158,3 +159,30 @@ def gru_step(
     """
     r, z, n = gru_gates(x, h, weight_ih, weight_hh, bias_ih, bias_hh)
     return (1 - z) * n + z * h
+
+
+# minGRU and minLSTM (Feng et al. 2024, "Were RNNs All We Needed?"): the gates and the candidate
+# see x_t only, never h_{t-1}, so h_t = a_t * h_{t-1} + b_t is linear in h and a whole sequence
+# is one prefix scan (charlm.cells.fused.min_scan) instead of a loop over time.
+
+
+def min_g(x: Tensor) -> Tensor:
+    """The paper's g: x + 0.5 for x >= 0, sigmoid(x) below; positive, so h stays positive."""
+    return torch.where(x >= 0, x + 0.5, torch.sigmoid(x))
+
+
+def min_gru_step(x: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """minGRU: z = s(W_z x + b_z), h~ = g(W_h x + b_h), h' = (1 - z) * h + z * h~.
+    ``weight`` (2H, I) stacks [W_z; W_h], ``bias`` (2H,) or None."""
+    k, pre = _linear(x, weight, bias).chunk(2, dim=1)
+    z = torch.sigmoid(k)
+    return (1 - z) * h + z * min_g(pre)
+
+
+def min_lstm_step(x: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """minLSTM: f, i = s(W_f x + b_f), s(W_i x + b_i), normalised to f' = f / (f + i) and
+    i' = i / (f + i); h~ = g(W_h x + b_h); h' = f' * h + i' * h~.
+    ``weight`` (3H, I) stacks [W_f; W_i; W_h], ``bias`` (3H,) or None."""
+    f, i, pre = _linear(x, weight, bias).chunk(3, dim=1)
+    f, i = torch.sigmoid(f), torch.sigmoid(i)
+    return (f / (f + i)) * h + (i / (f + i)) * min_g(pre)

@@ -46,6 +46,14 @@ class _MinLayer(nn.Module):
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
 
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        return s + ("" if self.fused else ", fused=False")
+
     def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """input (T, B, I) ((B, T, I) if batch_first), hx (B, H) or None (zeros) ->
         (output (T, B, H) or (B, T, H), h_n (B, H))."""

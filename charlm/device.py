@@ -44,3 +44,60 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def configure_math(device: torch.device) -> None:
+    """The float32 math settings `charlm train` and `charlm bench` share: on CUDA, TF32 tensor
+    cores for the float32 matmuls autocast leaves (cuDNN's own TF32 switch,
+    `torch.backends.cudnn.allow_tf32`, stays at torch's default, True). Elsewhere nothing."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+
+
+def math_settings() -> dict:
+    """The float32 math settings in force, as `charlm bench --json` records them: whether
+    cuBLAS matmuls and cuDNN (convolutions and RNNs) may use TF32, and cuDNN's state."""
+    return {"float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "cudnn_enabled": torch.backends.cudnn.enabled}
+
+
+@contextlib.contextmanager
+def strict_fp32():
+    """TF32 off for cuBLAS and cuDNN inside the block, restored after: parity tests against
+    cuDNN's RNNs need it, because cuDNN uses TF32 by default while charlm's GEMMs may not, and
+    the two then differ by ~1e-4, not by float32 rounding."""
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+
+
+def cuda_rng_state(device: torch.device) -> torch.Tensor:
+    """The CUDA RNG state of `device` alone (not of every visible GPU: a resume may see fewer)."""
+    return torch.cuda.get_rng_state(_cuda_index(device))
+
+
+def set_cuda_rng_state(state, device: torch.device) -> bool:
+    """Restore `device`'s CUDA RNG state from a checkpoint's "cuda" entry: one state (this
+    version), or the list of every visible GPU's state that older versions saved, of which the
+    entry of this device's index is taken (the first when there are fewer). False, and nothing
+    is changed, when there is no state to take."""
+    index = _cuda_index(device)
+    if isinstance(state, (list, tuple)):
+        if not state:
+            return False
+        state = state[min(index, len(state) - 1)]
+    torch.cuda.set_rng_state(state, index)
+    return True
+
+
+def _cuda_index(device: torch.device) -> int:
+    if device.index is not None:
+        return device.index
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0

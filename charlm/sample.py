@@ -42,11 +42,12 @@ def pick_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
     # A diverged model can emit NaN/inf logits: NaN is never picked, +inf ties share the
     # probability, all-NaN is uniform. Shifting the maximum to 0 and dividing in float64 keeps
     # a tiny temperature or huge logits from turning into inf - inf or 0 / 0 = NaN.
+    # The two special cases are chosen with torch.where, not a Python `if`: an `if` on a
+    # tensor reads it back, a host sync per character on a GPU.
     logits = torch.nan_to_num(logits.double(), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-    if torch.isposinf(logits).any():
-        logits = torch.full_like(logits, -math.inf).masked_fill(torch.isposinf(logits), 0.0)
-    elif torch.isneginf(logits).all():
-        logits = torch.zeros_like(logits)
+    posinf = torch.isposinf(logits)
+    logits = torch.where(posinf.any(), torch.where(posinf, 0.0, -math.inf), logits)
+    logits = torch.where(torch.isneginf(logits).all(), 0.0, logits)
     if top_k and top_k < logits.numel():
         # On the raw values: after the shift and the division, logits that differ by less
         # than their rounding tie (1e-45 - 1 == -1), and a tie would let more than k through.
@@ -60,8 +61,10 @@ def pick_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
     probs = torch.softmax(logits, -1)
     if generator is not None and generator.device != probs.device:
-        probs = probs.cpu()
-    return torch.multinomial(probs, 1, generator=generator).squeeze(0).to(logits.device)
+        # A CPU generator draws on the CPU (the same text for a seed on every device): this
+        # copy is the one read-back per character, which the caller's int() then needs not.
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(0)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(0)
 
 
 @torch.no_grad()
@@ -82,6 +85,6 @@ def generate(model: nn.Module, vocab: Vocab, prime: str, length: int, *,
             next_id = pick_next(logits[0, -1], temperature, top_k, top_p, generator)
             yield vocab.chars[int(next_id)]
             if i + 1 < length:
-                logits, state = model(next_id.view(1, 1), state)
+                logits, state = model(next_id.to(idx.device).view(1, 1), state)
     finally:
         model.train(was_training)

@@ -44,7 +44,7 @@ from .data import (
     load_dataset,
     missing_corpus,
 )
-from .device import autocast, resolve_device
+from .device import autocast, configure_math, cuda_rng_state, resolve_device, set_cuda_rng_state
 from .evaluate import bits_per_char, estimate_loss
 from .model import build_model, count_parameters, detach_state, map_state
 from .sample import generate
@@ -77,6 +77,7 @@ class TrainResult:
     elapsed_s: float
     tokens_per_s: float
     params: int
+    warmup_s: float = 0.0  # one-off compiling before the clock started (train.compile)
 
     @property
     def best_val_bpc(self) -> float:
@@ -133,8 +134,8 @@ def check_resume_compatible(saved: Config, new: Config) -> None:
 
 def _rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":  # this run's own GPU only: a resume may see fewer GPUs
+        state["cuda"] = cuda_rng_state(device)
     return state
 
 
@@ -149,7 +150,7 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
+        set_cuda_rng_state(state["cuda"], device)
 
 
 class BudgetBar:
@@ -337,7 +338,8 @@ def train_step(fwd, model: torch.nn.Module, optimizer: torch.optim.Optimizer, x:
                y: torch.Tensor, hidden, grad_clip: float, device: torch.device, ctx):
     """Forward, backward and clip one batch; the optimizer step is left to the caller, which
     first checks the result is finite. Returns (loss, gradient norm before clipping, the new
-    hidden state); the loss is the mean over all ranks under torchrun."""
+    hidden state); loss and norm are 0-d tensors, read by the caller only when it needs them
+    (a read is a host sync on a GPU). Under torchrun the loss is the mean over all ranks."""
     with autocast(device):
         logits, new_hidden = fwd(x, hidden)  # (B, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
@@ -346,10 +348,107 @@ def train_step(fwd, model: torch.nn.Module, optimizer: torch.optim.Optimizer, x:
     # clip, recording the norm before clipping (exploding gradients show here)
     grad_norm = torch.nn.utils.clip_grad_norm_(
         model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    loss_value = loss.item()
+    loss = loss.detach()
     if ctx.active:  # the global mean: logged, and non-finite on every rank or none
-        loss_value = distributed.all_mean([loss_value])[0]
-    return loss_value, float(grad_norm), new_hidden
+        loss = torch.tensor(distributed.all_mean([loss.item()])[0], dtype=torch.float64)
+    return loss, grad_norm, new_hidden
+
+
+def warm_up_compiled(fwd, model: torch.nn.Module, x: torch.Tensor, hidden, device: torch.device,
+                     stateful: bool) -> float:
+    """Compile `fwd` (a `torch.compile`d model) before the clock starts; returns the seconds.
+
+    torch.compile compiles on the first call, forward and backward: run inside the first timed
+    step, tens of seconds of compiling would count as training (and the cosine schedule,
+    which follows elapsed / max_time, would jump ahead). So one forward and backward on a
+    batch of the run's shape runs here, with the carried state as well when the run carries
+    one (a second graph), and leaves no trace: the RNG states are restored (dropout draws
+    from them) and the gradients dropped; the optimizer is not touched."""
+    start = time.perf_counter()
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        state = hidden
+        for _ in range(2 if stateful and hidden is None else 1):
+            with autocast(device):
+                logits, state = fwd(x, state)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), x.flatten())
+            loss.backward()
+            state = detach_state(state)
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _defers_checks(device: torch.device, ctx, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the loss and non-finite bookkeeping stays on the device (DeferredChecks).
+
+    On CUDA, where reading a number waits for the whole queue, and only with the fused AdamW
+    (which `make_optimizer` picks there): it can skip a step on the device itself. On the CPU
+    a read is no sync at all (there is no queue), so the per-step check stays: bit for bit the
+    behaviour the exact-resume tests guard. Under torchrun the per-step all-reduce of the loss
+    syncs anyway."""
+    return device.type == "cuda" and not ctx.active and bool(optimizer.defaults.get("fused"))
+
+
+class DeferredChecks:
+    """The per-step loss sum and non-finite check kept on the device, read at logging steps.
+
+    Every step records its loss and gradient norm into device tensors and hands the fused
+    AdamW a `found_inf` flag, with which the kernel itself leaves a non-finite step out
+    (weights, moments and step count untouched, as a skipped step on the CPU); the carried
+    hidden state of such a step is zeroed on the device (what a fresh state is). `settle()`,
+    called on logging, evaluation and checkpoint steps, at the end and before stopping, reads
+    everything in one transfer. A finite run logs exactly the numbers of the per-step path:
+    the loss sum is float64, added in the same order as Python adds the floats.
+
+    What differs after a non-finite step: it is found at the next settle, not at once. The
+    step counter counts it until then (so the learning rate of the steps in between is that
+    of one step later), and a run without `train.skip_nonfinite` stops there, with the good
+    steps after the bad one kept (the bad one was never applied)."""
+
+    def __init__(self, device: torch.device) -> None:
+        def zero(dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros((), dtype=dtype, device=device)
+
+        self.loss_sum, self.count = zero(torch.float64), zero(torch.int64)
+        self.bad, self.first_bad, self.loss_bad = zero(torch.int64), zero(torch.int64), \
+            zero(torch.bool)
+        self.run, self.longest = zero(torch.int64), zero(torch.int64)  # consecutive bad steps
+        self.grad_norm: torch.Tensor | None = None
+        self.attempts = 0  # steps recorded since the last settle
+
+    def record(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """Book one step; returns its device-side `finite` flag (the optimizer's found_inf
+        is set from it)."""
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        bad = ~finite
+        self.loss_sum += torch.where(finite, loss.double(), 0.0)
+        self.count += finite
+        # the index (since the last settle) of the first non-finite step
+        self.first_bad = torch.where((self.bad == 0) & bad, self.attempts, self.first_bad)
+        self.bad += bad
+        self.loss_bad |= ~torch.isfinite(loss)
+        self.run = torch.where(finite, 0, self.run + 1)
+        self.longest = torch.maximum(self.longest, self.run)
+        self.grad_norm = grad_norm
+        self.attempts += 1
+        return finite
+
+    def settle(self) -> dict:
+        """Read the bookkeeping (one device-to-host transfer) and restart it."""
+        values = torch.stack([self.loss_sum, self.count.double(), self.bad.double(),
+                              self.first_bad.double(), self.loss_bad.double(),
+                              self.longest.double()]).tolist()
+        out = {"loss_sum": values[0], "count": int(values[1]), "bad": int(values[2]),
+               "first_bad": int(values[3]), "loss_bad": bool(values[4]),
+               "longest": int(values[5]), "attempts": self.attempts,
+               "grad_norm": None if self.grad_norm is None else float(self.grad_norm)}
+        for t in (self.loss_sum, self.count, self.bad, self.first_bad, self.longest):
+            t.zero_()
+        self.loss_bad.zero_()
+        self.attempts = 0
+        return out
 
 
 def _stop_vote(st: TrainState, stop: dict, ctx) -> bool:
@@ -403,8 +502,7 @@ def _train(ctx, cfg: Config, runs_dir: Path, run_dir: Path, resumed: dict | None
     """The body of :func:`train` once the run directory is chosen (and locked)."""
     t = cfg.train
     device = distributed.rank_device(resolve_device(t.device), ctx)  # cuda:LOCAL_RANK
-    if device.type == "cuda":  # TF32 tensor cores for the float32 matmuls autocast leaves
-        torch.set_float32_matmul_precision("high")
+    configure_math(device)  # TF32 tensor cores on CUDA for the float32 matmuls autocast leaves
     ds = _load_checked_dataset(cfg, ctx, run_dir, resumed)
 
     # ---- model, optimizer, data order
@@ -445,9 +543,18 @@ def _train(ctx, cfg: Config, runs_dir: Path, run_dir: Path, resumed: dict | None
     loss_sum, loss_count, window_start, window_steps = 0.0, 0, time.perf_counter(), 0
     tokens_per_s, last_val, lr = 0.0, None, t.lr
     skipped = 0  # consecutive non-finite steps
+    grad_norm: float | None = None
+    checks = DeferredChecks(device) if _defers_checks(device, ctx, optimizer) else None
     resume_command = (f"{distributed.launch_command(ctx)} --name {run_dir.name} "
                       f"--runs-dir {runs_dir} --resume")
     model.train()
+    warmup_s = 0.0
+    if t.compile:  # compile now, untimed: not out of train.max_time
+        x0 = torch.zeros(t.batch_size, t.seq_len, dtype=torch.long, device=device)
+        warmup_s = warm_up_compiled(fwd, model, x0, st.hidden, device, stateful)
+        if not quiet:
+            print(f"compiled the model in {warmup_s:.1f} s (before the clock: not counted in "
+                  "train.max_time)", file=sys.stderr, flush=True)
 
     def interrupted() -> TrainingInterrupted:
         return TrainingInterrupted(f"interrupted at step {st.step}; saved {run_dir / 'last.pt'}"
@@ -471,37 +578,77 @@ def _train(ctx, cfg: Config, runs_dir: Path, run_dir: Path, resumed: dict | None
                 if reset:
                     st.hidden = None
                 # forward, backward, clip
-                loss_value, grad_norm, new_hidden = train_step(
+                loss, grad_norm_t, new_hidden = train_step(
                     fwd, model, optimizer, x, y, st.hidden, t.grad_clip, device, ctx)
-                # a non-finite step is skipped (train.skip_nonfinite) or stops the run
-                if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                    skipped += 1
-                    if not (t.skip_nonfinite and skipped < MAX_SKIPPED_STEPS):
-                        saver.save("last.pt", st)  # the weights are still the last good ones
-                        raise _non_finite_error(st, t, loss_value, skipped, run_dir)
-                    optimizer.zero_grad(set_to_none=True)
-                    st.hidden = None
-                    if not quiet:
-                        tqdm.write(f"step {st.step + 1}: non-finite loss or gradient, step "
-                                   "skipped (train.skip_nonfinite)", file=sys.stderr)
-                    # a skipped step still spends the time budget and still stops on Ctrl-C
+                if checks is not None:  # CUDA: the fused AdamW skips a non-finite step itself
+                    finite = checks.record(loss, grad_norm_t)
+                    optimizer.found_inf = (~finite).float()
+                    optimizer.step()
+                    if stateful:  # a non-finite step's state restarts from zeros
+                        st.hidden = map_state(lambda h, f=finite: torch.where(f, h, 0.0),
+                                              detach_state(new_hidden))
+                    else:
+                        st.hidden = None
+                    st.step += 1
+                    window_steps += 1
                     st.elapsed_s += time.perf_counter() - t0
-                    if _stop_vote(st, stop, ctx):
-                        saver.save("last.pt", st)
-                        raise interrupted()
-                    continue
-                # optimizer step; carry the hidden state, detached: gradients stop at the
-                # window start
-                optimizer.step()
-                skipped = 0
-                st.hidden = detach_state(new_hidden) if stateful else None
-                st.step += 1
-                st.elapsed_s += time.perf_counter() - t0
-                stopping = _stop_vote(st, stop, ctx)
+                    stopping = _stop_vote(st, stop, ctx)
+                    done = st.step >= t.max_steps or (
+                        t.max_time is not None and st.elapsed_s >= t.max_time)
+                    if not (st.step % t.log_interval == 0 or st.step % t.eval_interval == 0
+                            or done or stopping):
+                        bar.advance(st.step, st.elapsed_s)
+                        continue
+                    tally = checks.settle()
+                    loss_sum, loss_count = loss_sum + tally["loss_sum"], loss_count + tally[
+                        "count"]
+                    grad_norm = tally["grad_norm"]
+                    if tally["bad"]:
+                        st.step -= tally["bad"]  # the skipped steps were never applied
+                        window_steps -= tally["bad"]
+                        first = st.step - tally["count"] + tally["first_bad"] + 1
+                        skipped = tally["longest"]
+                        if not (t.skip_nonfinite and skipped < MAX_SKIPPED_STEPS):
+                            saver.save("last.pt", st)  # finite: the bad steps were never applied
+                            raise _non_finite_error(
+                                dataclasses.replace(st, step=first - 1), t,
+                                math.nan if tally["loss_bad"] else 0.0, skipped, run_dir)
+                        if not quiet:
+                            tqdm.write(f"steps {first}-{st.step + tally['bad']}: "
+                                       f"{tally['bad']} non-finite step(s) skipped "
+                                       "(train.skip_nonfinite)", file=sys.stderr)
+                else:
+                    # CPU (a read is no sync there) and torchrun: the check before every step
+                    loss_value, grad_norm = float(loss), float(grad_norm_t)
+                    # a non-finite step is skipped (train.skip_nonfinite) or stops the run
+                    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                        skipped += 1
+                        if not (t.skip_nonfinite and skipped < MAX_SKIPPED_STEPS):
+                            saver.save("last.pt", st)  # the weights are still the last good ones
+                            raise _non_finite_error(st, t, loss_value, skipped, run_dir)
+                        optimizer.zero_grad(set_to_none=True)
+                        st.hidden = None
+                        if not quiet:
+                            tqdm.write(f"step {st.step + 1}: non-finite loss or gradient, step "
+                                       "skipped (train.skip_nonfinite)", file=sys.stderr)
+                        # a skipped step still spends the time budget and still stops on Ctrl-C
+                        st.elapsed_s += time.perf_counter() - t0
+                        if _stop_vote(st, stop, ctx):
+                            saver.save("last.pt", st)
+                            raise interrupted()
+                        continue
+                    # optimizer step; carry the hidden state, detached: gradients stop at the
+                    # window start
+                    optimizer.step()
+                    skipped = 0
+                    st.hidden = detach_state(new_hidden) if stateful else None
+                    st.step += 1
+                    st.elapsed_s += time.perf_counter() - t0
+                    stopping = _stop_vote(st, stop, ctx)
+                    loss_sum, loss_count, window_steps = loss_sum + loss_value, loss_count + 1, \
+                        window_steps + 1
                 # log
-                loss_sum, loss_count, window_steps = loss_sum + loss_value, loss_count + 1, \
-                    window_steps + 1
-                if st.step % t.log_interval == 0:
+                if st.step % t.log_interval == 0 and loss_count:
                     now = time.perf_counter()
                     tokens_per_s = window_steps * tokens_per_step / max(now - window_start, 1e-9)
                     metrics.write(step=st.step, elapsed_s=f"{st.elapsed_s:.2f}",
@@ -543,7 +690,7 @@ def _train(ctx, cfg: Config, runs_dir: Path, run_dir: Path, resumed: dict | None
     del fwd, wrapped
     distributed.cleanup()
     return TrainResult(run_dir, st.step, st.best_val_loss, st.elapsed_s, tokens_per_s,
-                       saver.params)
+                       saver.params, warmup_s)
 
 
 def _load_checked_dataset(cfg: Config, ctx, run_dir: Path, resumed: dict | None):

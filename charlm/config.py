@@ -21,7 +21,15 @@ from typing import Any
 
 import yaml
 
-CELLS = ("rnn", "lstm", "gru", "transformer")
+
+def cell_names() -> list[str]:
+    """The valid `model.cell` values: the model registry's keys (charlm.model.REGISTRY is the
+    one list of cells; imported here on use, since charlm.model imports this module)."""
+    from .model import REGISTRY
+
+    return list(REGISTRY)
+
+
 NONLINEARITIES = ("tanh", "relu")
 SCHEDULES = ("cosine", "constant")
 NAMED_CORPORA = ("python-stdlib", "tinyshakespeare", "hello")
@@ -304,8 +312,9 @@ def validate(cfg: Config) -> Config:
         p.append("data.source must name a file, a directory or one of " + ", ".join(NAMED_CORPORA))
     if not 0.0 <= d.val_fraction < 1.0:
         p.append(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
-    if m.cell not in CELLS:
-        p.append(f"model.cell '{cut(m.cell)}' is unknown; valid cells: {', '.join(CELLS)}")
+    cells = cell_names()
+    if m.cell not in cells:
+        p.append(f"model.cell '{cut(m.cell)}' is unknown; valid cells: {', '.join(cells)}")
     if m.nonlinearity not in NONLINEARITIES:
         p.append(f"model.nonlinearity must be tanh or relu, got '{cut(m.nonlinearity)}'")
     for key, (low, high) in LIMITS.items():

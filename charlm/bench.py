@@ -552,6 +552,31 @@ def _progress_line(group: list[Contender]) -> str:
         f"{c.name} {statistics.median(c.rates):,.0f} {c.unit}" for c in group)
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
+
+
+def cpu_features() -> dict:
+    """The host CPU's model and the vector/matrix units that decide GEMM speed (from
+    /proc/cpuinfo where there is one), and the SIMD level torch's kernels dispatch to."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("", platform.machine()):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = None
+    return {"model": model, "torch_capability": capability,
+            "flags": {name: name in flags for name in CPU_FLAGS} if flags else None}
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -591,7 +616,8 @@ def _result(contenders: list[Contender], failures: list[dict], device: torch.dev
                    # torch.nn's RNN kernels: oneDNN on CPU, cuDNN on CUDA (when enabled)
                    "onednn": torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled,
                    "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-                   "autocast": "bf16" if device.type == "cuda" else None},
+                   "autocast": "bf16" if device.type == "cuda" else None,
+                   "cpu": cpu_features()},
         # One precision per comparison: recurrent pairs (charlm vs torch.nn) in float32, the
         # Transformer as `charlm train` runs it; and the TF32 switches in force for both.
         "precision": {"recurrent": RECURRENT_PRECISION,

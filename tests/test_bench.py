@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,3 +155,12 @@ def test_a_failing_group_is_reported_and_the_others_still_run(monkeypatch):
     assert {c["name"] for c in result["contenders"]} == {
         "charlm-rnn-32", "nn-rnn-32", "charlm-rnn-32-packed", "nn-rnn-32-packed"}
     assert "FAILED train gru h32: no kernel for this dtype" in format_table(result)
+
+
+def test_the_json_names_the_cpu_and_its_matrix_units(quick_result):
+    cpu = quick_result["device"]["cpu"]
+    assert cpu["model"]
+    if Path("/proc/cpuinfo").is_file():
+        flags = Path("/proc/cpuinfo").read_text().split()
+        assert cpu["flags"]["avx512f"] == ("avx512f" in flags)
+        assert cpu["flags"]["amx_bf16"] == ("amx_bf16" in flags)

@@ -96,18 +96,21 @@ def check_nonlinearity(nonlinearity: object) -> str:
 
 
 class _CellBase(nn.Module):
-    """Parameters, init and input handling shared by the three cells."""
+    """Parameters, init and input handling shared by the three cells; ``_num_chunks`` gates
+    stacked in each weight."""
+
+    _num_chunks = 1
 
     def __init__(
         self,
         input_size: int,
         hidden_size: int,
-        bias: bool,
-        num_chunks: int,
+        bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        num_chunks = self._num_chunks
         factory = {"device": device, "dtype": dtype}
         self.input_size = check_cell_size("input_size", input_size)
         self.hidden_size = check_cell_size("hidden_size", hidden_size)
@@ -172,7 +175,7 @@ class RNNCell(_CellBase):
     ) -> None:
         # torch.nn.RNNCell accepts any nonlinearity here and refuses an unknown one in forward
         self.nonlinearity = nonlinearity
-        super().__init__(input_size, hidden_size, bias, 1, device, dtype)
+        super().__init__(input_size, hidden_size, bias, device, dtype)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         """h' (B, H) for input (B, I) and hx (B, H); unbatched (I,) -> (H,)."""
@@ -200,15 +203,7 @@ class LSTMCell(_CellBase):
     and ``bias_hh`` (4H,). See :func:`charlm.cells.equations.lstm_step`.
     """
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        bias: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(input_size, hidden_size, bias, 4, device, dtype)
+    _num_chunks = 4
 
     def forward(
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
@@ -236,15 +231,7 @@ class GRUCell(_CellBase):
     and ``bias_hh`` (3H,). See :func:`charlm.cells.equations.gru_step`.
     """
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        bias: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(input_size, hidden_size, bias, 3, device, dtype)
+    _num_chunks = 3
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         """h' (B, H) for input (B, I) and hx (B, H); unbatched (I,) -> (H,)."""

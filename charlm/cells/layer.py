@@ -369,7 +369,7 @@ def _reverser(T: int, B: int, rows: Rows, device: torch.device) -> Callable[[Ten
     """A function that reverses (T, B, X) in time, each sequence within its own length."""
     if rows is None:
         return lambda t: t.flip(0)
-    lengths = torch.tensor([sum(b > j for b in rows) for j in range(B)], device=device)
+    lengths = fast.lengths(rows, device)
     steps = torch.arange(T, device=device).unsqueeze(1)  # (T, 1)
     source = torch.where(steps < lengths, lengths - 1 - steps, steps)  # (T, B)
     index = (source * B + torch.arange(B, device=device)).reshape(-1)

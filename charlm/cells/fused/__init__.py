@@ -23,7 +23,7 @@ from . import inductor
 from .bptt import GRURecurrence, LSTMRecurrence, RNNRecurrence
 from .gemm import project
 from .sampling import Sampler
-from .scan import Rows, gru_scan, lstm_scan, rnn_scan
+from .scan import Rows, gru_scan, lengths, lstm_scan, rnn_scan
 from .workspace import WORKSPACE
 
 __all__ = ["WORKSPACE", "Sampler", "float32_region", "gru", "inductor", "lstm", "rnn"]
@@ -49,7 +49,7 @@ def _last(hs: Tensor, rows: Rows) -> Tensor:
     if rows is None:
         return hs[-1]
     B = hs.shape[1]
-    ends = torch.tensor([sum(b > j for b in rows) - 1 for j in range(B)], device=hs.device)
+    ends = lengths(rows, hs.device) - 1
     return hs[ends, torch.arange(B, device=hs.device)]
 
 

@@ -32,6 +32,13 @@ from .workspace import empty
 Rows = Sequence[int] | None
 
 
+def lengths(rows: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
+    """Each sequence's length in a packed batch: the number of steps with more live rows
+    than its index, (B,) for B = rows[0]."""
+    counts = torch.tensor(list(rows)).unsqueeze(1)  # (T, 1)
+    return (counts > torch.arange(rows[0])).sum(0).to(device)
+
+
 def per_step(buf: Tensor, rows: Rows) -> Sequence[Tensor]:
     """``buf`` (T, B, ...) as T per-step views, each cut to its step's live rows."""
     views = buf.unbind(0)

@@ -77,8 +77,8 @@ def test_the_lock_dies_with_its_process(tmp_path):
     code = ("import sys; from charlm.checkpoint import RunLock; RunLock(sys.argv[1]).acquire();"
             " import os; os._exit(0)")
     subprocess.run([sys.executable, "-c", code, str(run)], check=True)  # exits holding it
-    with ck.RunLock(run):  # the OS released it: no stale lock
-        pass
+    with ck.RunLock(run):  # the OS released it: no stale lock, and this process owns it now
+        assert (run / ".lock.owner").read_text().startswith(f"process {os.getpid()} ")
 
 
 def test_creating_a_run_directory_is_atomic(tmp_path):

@@ -32,6 +32,7 @@ def cell_names() -> list[str]:
 
 NONLINEARITIES = ("tanh", "relu")
 SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
 NAMED_CORPORA = ("python-stdlib", "tinyshakespeare", "hello")
 
 
@@ -43,12 +44,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    cell: str = "lstm"  # rnn | lstm | gru | transformer
+    cell: str = "lstm"  # a charlm.model.REGISTRY key: rnn, lstm, gru, mingru, minlstm, ...
     hidden_size: int = 256  # width of every layer (also the embedding size)
     num_layers: int = 2
     dropout: float = 0.0  # between layers (and on embedding/output); 0 disables
     nonlinearity: str = "tanh"  # rnn only: tanh | relu
     num_heads: int = 4  # transformer only; must divide hidden_size
+    ff_mult: int = 4  # mingru/minlstm: each block's MLP is ff_mult * hidden_size wide
 
 
 @dataclass
@@ -70,6 +72,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     stateful: bool = True  # recurrent cells: carry hidden state across windows
+    precision: str = "auto"  # auto | fp32 | bf16: auto = bf16 on CUDA and on CPUs with bf16 units
     compile: bool = False  # torch.compile the model (best for the Transformer on CUDA)
     skip_nonfinite: bool = False  # skip a step with a NaN/inf loss or gradient instead of stopping
 
@@ -290,6 +293,7 @@ LIMITS = {  # key: (smallest, largest) for the integer keys
     "model.hidden_size": (1, 2**16),
     "model.num_layers": (1, 1024),
     "model.num_heads": (1, 2**16),
+    "model.ff_mult": (1, 64),
     "train.batch_size": (1, 2**24),
     "train.seq_len": (1, 2**24),
     "train.max_steps": (1, MAX_COUNT),
@@ -315,6 +319,8 @@ def validate(cfg: Config) -> Config:
     cells = cell_names()
     if m.cell not in cells:
         p.append(f"model.cell '{cut(m.cell)}' is unknown; valid cells: {', '.join(cells)}")
+    if t.precision not in PRECISIONS:
+        p.append(f"train.precision must be auto, fp32 or bf16, got '{cut(t.precision)}'")
     if m.nonlinearity not in NONLINEARITIES:
         p.append(f"model.nonlinearity must be tanh or relu, got '{cut(m.nonlinearity)}'")
     for key, (low, high) in LIMITS.items():

@@ -32,6 +32,7 @@ from torch import nn
 from . import cells
 from .cells import equations
 from .config import Config
+from .minlm import min_model
 from .transformer import TransformerLM
 
 
@@ -162,12 +163,15 @@ def _transformer(cfg: Config, vocab_size: int) -> nn.Module:
                          context_len=cfg.train.seq_len, dropout=m.dropout)
 
 
-# The registry: cell name -> builder(cfg, vocab_size). Add a cell here (a recurrent one also
-# gives its step in TRACE_STEPS, for `charlm inspect`).
+# The registry: cell name -> builder(cfg, vocab_size). Add a cell here and nowhere else (a
+# RecurrentLM body also gives its step in TRACE_STEPS, for `charlm inspect`; a model with its
+# own `trace`, as MinLM and TransformerLM have, needs nothing more).
 REGISTRY: dict[str, Callable[[Config, int], nn.Module]] = {
     "rnn": _recurrent(cells.RNN, nonlinearity="nonlinearity"),
     "lstm": _recurrent(cells.LSTM),
     "gru": _recurrent(cells.GRU),
+    "mingru": min_model(cells.MinGRU),
+    "minlstm": min_model(cells.MinLSTM),
     "transformer": _transformer,
 }
 

@@ -55,7 +55,7 @@ def test_bad_run_names_are_refused(name):
         ck.check_run_name(name)
 
 
-@pytest.mark.parametrize("cell, stop_at", [("lstm", 10), ("transformer", 13)])
+@pytest.mark.parametrize("cell, stop_at", [("lstm", 10), ("transformer", 13), ("mingru", 11)])
 def test_resume_equals_uninterrupted(tmp_path, corpus, monkeypatch, cell, stop_at):
     """Ctrl-C (SIGINT) mid-run, then --resume: the same weights as a run never interrupted."""
     extra = ["train.eval_interval=10", "model.dropout=0.1", "model.num_layers=2",

@@ -10,6 +10,7 @@ import pytest
 
 from charlm import __version__
 from charlm.checkpoint import load_checkpoint
+from charlm.model import REGISTRY
 from tests.conftest import invoke, sets, tiny_overrides
 
 
@@ -41,7 +42,7 @@ def test_hello_end_to_end(tmp_path):
     assert scores["bpc"] < 0.1
 
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru", "transformer"])
+@pytest.mark.parametrize("cell", list(REGISTRY))
 def test_train_sample_eval_every_cell(tmp_path, corpus, cell):
     runs = tmp_path / "runs"
     result = invoke("train", "--config", cell, "--runs-dir", runs, "--name", "r",

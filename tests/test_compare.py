@@ -13,6 +13,7 @@ import pytest
 from charlm.compare import parse_params, size_to_params
 from charlm.config import load_config
 from charlm.data import load_dataset
+from charlm.model import REGISTRY
 from charlm.train import TrainingInterrupted
 from tests.conftest import invoke, tiny_overrides
 
@@ -61,7 +62,7 @@ def test_compare_end_to_end(tmp_path, corpus):
     assert matplotlib.image.imread(out / "compare.png").shape[0] > 100
 
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru", "transformer"])
+@pytest.mark.parametrize("cell", list(REGISTRY))
 def test_params_sizes_every_cell(corpus, cell):
     cfg = load_config(cell, [f"data.source={corpus}"])
     vocab_size = len(load_dataset(cfg.data).vocab)

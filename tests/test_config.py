@@ -14,15 +14,16 @@ from charlm.config import (
     resolve_config_path,
     validate,
 )
+from charlm.model import REGISTRY
 
-PRESETS = ["hello", "rnn", "lstm", "gru", "transformer"]
+PRESETS = ["hello", "rnn", "lstm", "gru", "mingru", "minlstm", "transformer"]
 
 
 def test_all_presets_ship_and_validate():
     assert set(PRESETS) <= set(preset_names())
     for name in PRESETS:
         cfg = load_config(name)
-        assert cfg.model.cell in ("rnn", "lstm", "gru", "transformer")
+        assert cfg.model.cell in REGISTRY
 
 
 def test_presets_start_with_the_command_that_runs_them():
@@ -78,7 +79,7 @@ def test_parse_override_values():
 
 
 @pytest.mark.parametrize("override, fragment", [
-    ("model.cell=lstmm", "valid cells: rnn, lstm, gru, transformer"),
+    ("model.cell=lstmm", "valid cells: " + ", ".join(REGISTRY)),
     ("model.hidden_size=0", "model.hidden_size must be positive"),
     ("model.dropout=1.5", "model.dropout must be in"),
     ("train.batch_size=-1", "train.batch_size must be positive"),

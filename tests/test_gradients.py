@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from charlm import checkpoint as ck
 from charlm.gradients import fresh_model, gradient_norms, table_distances, window_starts
+from charlm.minlm import MinLM
 from charlm.model import REGISTRY, build_model
 from tests.test_inspect import cli, make_run, tiny_cfg
 
@@ -42,6 +43,13 @@ def direct_norms(model, x: torch.Tensor, y: int) -> torch.Tensor:
         body.fused = False
         out, _ = body(e)
         logits = model.head(out)
+    elif isinstance(model, MinLM):  # the blocks with their cells on the step equations
+        e = model.embed(x[None]).detach().requires_grad_(True)
+        h = e
+        for block in copy.deepcopy(model.blocks):
+            block.cell.fused = False
+            h = block(h, None)[0]
+        logits = model.head(model.ln_f(h))
     else:
         e = model.tok(x[None]).detach().requires_grad_(True)
         h = e + model.pos(torch.arange(len(x)))

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["rnn_step", "lstm_gates", "lstm_step", "gru_gates", "gru_step", "min_g",
-           "min_gru_step", "min_lstm_step"]
+           "min_gru_gates", "min_gru_step", "min_lstm_gates", "min_lstm_step"]
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -171,18 +171,29 @@ def min_g(x: Tensor) -> Tensor:
     return torch.where(x >= 0, x + 0.5, torch.sigmoid(x))
 
 
-def min_gru_step(x: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """minGRU: z = s(W_z x + b_z), h~ = g(W_h x + b_h), h' = (1 - z) * h + z * h~.
-    ``weight`` (2H, I) stacks [W_z; W_h], ``bias`` (2H,) or None."""
+def min_gru_gates(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """minGRU's gate and candidate, from x alone (no h: why it scans in parallel):
+    z = s(W_z x + b_z), h~ = g(W_h x + b_h). ``weight`` (2H, I) stacks [W_z; W_h]."""
     k, pre = _linear(x, weight, bias).chunk(2, dim=1)
-    z = torch.sigmoid(k)
-    return (1 - z) * h + z * min_g(pre)
+    return torch.sigmoid(k), min_g(pre)
+
+
+def min_gru_step(x: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """minGRU: h' = (1 - z) * h + z * h~, with z, h~ from :func:`min_gru_gates`."""
+    z, h_tilde = min_gru_gates(x, weight, bias)
+    return (1 - z) * h + z * h_tilde
+
+
+def min_lstm_gates(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, ...]:
+    """minLSTM's normalised gates and candidate, from x alone: f, i = s(W_f x + b_f),
+    s(W_i x + b_i); f' = f / (f + i), i' = i / (f + i) (so f' + i' = 1); h~ = g(W_h x + b_h).
+    ``weight`` (3H, I) stacks [W_f; W_i; W_h]."""
+    f, i, pre = _linear(x, weight, bias).chunk(3, dim=1)
+    f, i = torch.sigmoid(f), torch.sigmoid(i)
+    return f / (f + i), i / (f + i), min_g(pre)
 
 
 def min_lstm_step(x: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """minLSTM: f, i = s(W_f x + b_f), s(W_i x + b_i), normalised to f' = f / (f + i) and
-    i' = i / (f + i); h~ = g(W_h x + b_h); h' = f' * h + i' * h~.
-    ``weight`` (3H, I) stacks [W_f; W_i; W_h], ``bias`` (3H,) or None."""
-    f, i, pre = _linear(x, weight, bias).chunk(3, dim=1)
-    f, i = torch.sigmoid(f), torch.sigmoid(i)
-    return (f / (f + i)) * h + (i / (f + i)) * min_g(pre)
+    """minLSTM: h' = f' * h + i' * h~, with f', i', h~ from :func:`min_lstm_gates`."""
+    f, i, h_tilde = min_lstm_gates(x, weight, bias)
+    return f * h + i * h_tilde

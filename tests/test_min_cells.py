@@ -1,4 +1,5 @@
-"""minGRU and minLSTM: the parallel log-space scan against the step equations (outputs and
+"""minGRU and minLSTM: both parallel scans (cyclic reduction, which training uses, and the
+paper's log-space scan) against the step equations (outputs and
 every gradient to 1e-5 in float32, float64 gradcheck), from zero and from a carried state,
 on long sequences (T = 4,096) without overflow, and step-by-step sampling against the
 full-sequence forward."""
@@ -12,6 +13,17 @@ from charlm.cells.fused import min_scan
 from charlm.cells.minimal import MinGRU, MinLSTM
 
 LAYERS = [MinGRU, MinLSTM]
+LOG_SCANS = {MinGRU: min_scan.min_gru_log_scan, MinLSTM: min_scan.min_lstm_log_scan}
+SCANS = ["linear", "log"]
+
+
+@pytest.fixture(params=SCANS)
+def scan(request, monkeypatch):
+    """Run the layers on each scan: "linear" (the default) or the paper's "log"."""
+    if request.param == "log":
+        for cls, fn in LOG_SCANS.items():
+            monkeypatch.setattr(cls, "_scan", staticmethod(fn))
+    return request.param
 
 
 def pair(cls, n_in=5, n_h=7, **kw):
@@ -36,8 +48,8 @@ def run(layer, x, h0):
 @pytest.mark.parametrize("cls", LAYERS)
 @pytest.mark.parametrize("carried", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("T", [1, 9, 64])
-def test_scan_equals_the_step_equations(cls, carried, bias, T, monkeypatch):
+@pytest.mark.parametrize("T", [2, 9, 64, 100])
+def test_scan_equals_the_step_equations(cls, carried, bias, T, monkeypatch, scan):
     monkeypatch.setattr(min_scan, "CHUNK", 16)  # T = 64: four chunks, each carrying its state
     fast, loop = pair(cls, bias=bias)
     x = torch.randn(T, 3, 5)
@@ -52,11 +64,12 @@ def test_scan_equals_the_step_equations(cls, carried, bias, T, monkeypatch):
         torch.testing.assert_close(ga, gb, atol=1e-5 * scale, rtol=1e-4)
 
 
-@pytest.mark.parametrize("scan", [min_scan.min_gru_scan, min_scan.min_lstm_scan])
+@pytest.mark.parametrize("scan", [min_scan.min_gru_scan, min_scan.min_lstm_scan,
+                                  min_scan.min_gru_log_scan, min_scan.min_lstm_log_scan])
 def test_gradcheck_float64(scan, monkeypatch):
     monkeypatch.setattr(min_scan, "CHUNK", 3)  # two chunks and a remainder
     g = torch.Generator().manual_seed(0)
-    chunks = 2 if scan is min_scan.min_gru_scan else 3
+    chunks = 2 if scan in (min_scan.min_gru_scan, min_scan.min_gru_log_scan) else 3
     pre = torch.randn(7, 2, chunks * 3, generator=g, dtype=torch.float64, requires_grad=True)
     h0 = torch.rand(2, 3, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(scan, (pre, h0))
@@ -64,7 +77,7 @@ def test_gradcheck_float64(scan, monkeypatch):
 
 
 @pytest.mark.parametrize("cls", LAYERS)
-def test_long_sequences_stay_finite_and_close(cls):
+def test_long_sequences_stay_finite_and_close(cls, scan):
     """T = 4,096: no overflow or NaN in the outputs or the gradients, and the scan stays on
     the step equations (float32 rounding over 4,096 steps: 1e-4 relative)."""
     fast, loop = pair(cls, n_in=4, n_h=8)

@@ -293,7 +293,7 @@ LIMITS = {  # key: (smallest, largest) for the integer keys
     "model.hidden_size": (1, 2**16),
     "model.num_layers": (1, 1024),
     "model.num_heads": (1, 2**16),
-    "model.ff_mult": (1, 64),
+    "model.ff_mult": (0, 64),
     "train.batch_size": (1, 2**24),
     "train.seq_len": (1, 2**24),
     "train.max_steps": (1, MAX_COUNT),

@@ -3,7 +3,10 @@
 The paper's language models stack its minimal cells the way a modern sequence model stacks
 its mixing layers: each block is pre-norm and residual, a min-cell layer (the part that mixes
 information over time) followed by a position-wise MLP (the part that computes per
-character), then a final norm and a linear head::
+character), then a final norm and a linear head. (The paper's appendix could not be read
+from the machine this was written on: the block follows the paper's description of
+normalised, residual min layers with MLPs, and its public re-implementations, e.g.
+lucidrains/minGRU-pytorch's minLM; that one's optional causal convolution is left out.)::
 
     x = dropout(embed(idx))
     for each block:

@@ -39,15 +39,18 @@ from tqdm import tqdm
 from . import __version__
 from . import cells as charlm_cells
 from .cells.fused import inductor
-from .config import TrainConfig
+from .config import Config, ModelConfig, TrainConfig
 from .device import autocast, configure_math, math_settings
-from .model import RecurrentLM, detach_state
+from .model import REGISTRY, RecurrentLM, build_model, detach_state
 from .sample import pick_next
 from .train import make_optimizer
 from .transformer import TransformerLM
 
-RECURRENT_CELLS = ("rnn", "lstm", "gru")
-ALL_CELLS = (*RECURRENT_CELLS, "transformer")
+RECURRENT_CELLS = ("rnn", "lstm", "gru")  # the cells with a torch.nn twin
+# Every cell of the registry can be benched: the twins against torch.nn, the Transformer's
+# KV cache against recomputation, the rest against the charlm cell they simplify
+# (CLASSIC_OF) at the same width, or alone.
+CLASSIC_OF = {"mingru": "gru", "minlstm": "lstm"}
 CHARLM_BODIES: dict[str, Callable[..., nn.Module]] = {
     "rnn": charlm_cells.RNN, "lstm": charlm_cells.LSTM, "gru": charlm_cells.GRU}
 NN_BODIES: dict[str, Callable[..., nn.Module]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
@@ -119,11 +122,14 @@ def make_shape(device: torch.device, quick: bool = False, batch_size: int | None
 
 def parse_cells(text: str) -> list[str]:
     """`rnn,lstm` -> ['rnn', 'lstm'], or ValueError naming the valid choices."""
+    valid = list(REGISTRY)  # read on use: a cell registered at runtime is benched too
     names = [c.strip().lower() for c in text.split(",") if c.strip()]
-    bad = [c for c in names if c not in ALL_CELLS]
+    if names == ["all"]:
+        return valid
+    bad = [c for c in names if c not in valid]
     if bad or not names:
         raise ValueError(f"--cells: unknown or missing cell(s) {bad or text!r}; choose from "
-                         f"{','.join(ALL_CELLS)}")
+                         f"{','.join(valid)} (or all)")
     return list(dict.fromkeys(names))
 
 
@@ -268,6 +274,7 @@ class Contender:
     warmup: Callable[[], object]
     resident: Callable[[], int]
     reference: str | None = None  # the contender (same task) its ratio is taken against
+    against: Contender | None = field(default=None, repr=False)  # that contender itself
     info: dict = field(default_factory=dict)
     rates: list[float] = field(default_factory=list)
     peak_mem_bytes: int | None = None
@@ -348,6 +355,59 @@ def recurrent_groups(cell: str, shape: BenchShape, steps: int, device: torch.dev
     for h in shape.hidden:
         groups += [Group(f"train {cell} h{h}", 2, lambda h=h: _with_reference(train(h))),
                    Group(f"sample {cell} h{h}", 2, lambda h=h: _with_reference(sample(h)))]
+    return groups
+
+
+def build_registry_model(cell: str, shape: BenchShape, hidden: int, device: torch.device,
+                         **model) -> nn.Module:
+    """`cell` as `charlm train` builds it (from charlm.model.REGISTRY) at the bench's shape."""
+    torch.manual_seed(0)
+    cfg = Config(model=ModelConfig(cell=cell, hidden_size=hidden, num_layers=shape.num_layers,
+                                   **model), train=TrainConfig(seq_len=shape.seq_len))
+    return build_model(cfg, shape.vocab_size).to(device)
+
+
+def registry_groups(cell: str, shape: BenchShape, steps: int, device: torch.device) -> list[Group]:
+    """A registry cell without a torch.nn twin, per width: training and sampling against the
+    charlm cell it simplifies (CLASSIC_OF), or alone. A min cell trains twice: as bare
+    residual layers (`ff_mult=0`, "-nomlp": what the scan buys against the classic cell's
+    loop) and as its preset builds it, with the MLPs."""
+    x, y = _batch(shape, device)
+    classic = CLASSIC_OF.get(cell)
+    variants = [{"ff_mult": 0}, {}] if classic else [{}]
+
+    def pair(first: Contender, h: int, make: Callable[..., Contender]) -> list[Contender]:
+        if classic is None:
+            return [first]
+        ours, _ = build_recurrent_pair(classic, shape, h, device)
+        return _with_reference([first, make(f"charlm-{classic}-{h}", ours, impl="charlm.cells",
+                                            cell=classic, hidden=h)])
+
+    def train(h: int, extra: dict) -> list[Contender]:
+        def make(name, model, **info):
+            return _train_contender(name, model, x, y, steps, shape.warmup_steps, device,
+                                    **info)
+
+        model = build_registry_model(cell, shape, h, device, **extra)
+        name = f"{cell}-{h}" + ("-nomlp" if extra else "")
+        return pair(make(name, model, impl="charlm.model", cell=cell, hidden=h, **extra), h,
+                    make)
+
+    def sample(h: int) -> list[Contender]:
+        def make(name, model, **info):
+            return _sample_contender(name, model, shape, device, **info)
+
+        model = build_registry_model(cell, shape, h, device)
+        return pair(make(f"{cell}-{h}", model, impl="charlm.model", cell=cell, hidden=h), h,
+                    make)
+
+    n = 1 if classic is None else 2
+    groups = []
+    for h in shape.hidden:
+        for extra in variants:
+            label = f"train {cell} h{h}" + (" (no MLP)" if extra else "")
+            groups.append(Group(label, n, lambda h=h, extra=extra: train(h, extra)))
+        groups.append(Group(f"sample {cell} h{h}", n, lambda h=h: sample(h)))
     return groups
 
 
@@ -445,7 +505,7 @@ def transformer_groups(shape: BenchShape, steps: int, device: torch.device,
 
 def _with_reference(group: list[Contender]) -> list[Contender]:
     """A pair's first contender is measured against its second (charlm vs nn, kv vs full)."""
-    group[0].reference = group[1].name
+    group[0].reference, group[0].against = group[1].name, group[1]
     return group
 
 
@@ -487,7 +547,7 @@ def stability(rates: Sequence[float]) -> float | None:
     return statistics.median(rates[0::2]) / statistics.median(rates[1::2])
 
 
-def run_bench(device: torch.device, cells: Sequence[str] = ALL_CELLS,
+def run_bench(device: torch.device, cells: Sequence[str] | None = None,
               shape: BenchShape | None = None, repeats: int = 5, steps: int = 10,
               progress: bool = True, variants: bool = True) -> dict:
     """Run every contender of `cells` and return the JSON-ready result (see `format_table`);
@@ -497,6 +557,7 @@ def run_bench(device: torch.device, cells: Sequence[str] = ALL_CELLS,
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
     shape = shape or reference_shape(device)
+    cells = list(REGISTRY) if cells is None else cells
     if shape.tf_width % shape.tf_heads:
         raise ValueError(f"the Transformer width {shape.tf_width} is not divisible by its "
                          f"{shape.tf_heads} heads")
@@ -507,10 +568,12 @@ def run_bench(device: torch.device, cells: Sequence[str] = ALL_CELLS,
     for cell in cells:
         if cell == "transformer":
             groups += transformer_groups(shape, steps, device, checks)
-        else:
+        elif cell in RECURRENT_CELLS:
             groups += recurrent_groups(cell, shape, steps, device, checks)
             if variants:
                 groups += layer_variant_groups(cell, shape, steps, device, checks)
+        else:
+            groups += registry_groups(cell, shape, steps, device)
     contenders: list[Contender] = []
     failures: list[dict] = []
     bar = tqdm(total=repeats * sum(g.size for g in groups), unit="repeat", file=sys.stderr,
@@ -593,16 +656,15 @@ def _device_name(device: torch.device) -> str:
 def _result(contenders: list[Contender], failures: list[dict], device: torch.device,
             shape: BenchShape, repeats: int, steps: int, checks: dict) -> dict:
     quick = shape.smoke
-    medians = {(c.task, c.name): statistics.median(c.rates) for c in contenders}
     rows, ratios = [], []
     for c in contenders:
         ratio = None
-        if c.reference is not None:
-            ratio = medians[c.task, c.name] / medians[c.task, c.reference]
+        if c.against is not None:  # the reference timed in the same group, interleaved
+            ratio = statistics.median(c.rates) / statistics.median(c.against.rates)
             ratios.append({"task": c.task, "contender": c.name, "reference": c.reference,
                            "ratio": ratio})
         rows.append({"task": c.task, "name": c.name, **c.info, "unit": c.unit,
-                     "work_per_repeat": c.work, "median": medians[c.task, c.name],
+                     "work_per_repeat": c.work, "median": statistics.median(c.rates),
                      "repeats": list(c.rates), "reference": c.reference, "ratio": ratio,
                      "stability": stability(c.rates), "peak_mem_bytes": c.peak_mem_bytes})
     kv = next((r["ratio"] for r in ratios if r["contender"].endswith("-kv")), None)

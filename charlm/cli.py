@@ -26,7 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Train, sample and evaluate character-level language models "
-         "(hand-written RNN/LSTM/GRU cells and a Transformer baseline).",
+         "(hand-written RNN/LSTM/GRU and minGRU/minLSTM cells, and a Transformer baseline).",
 )
 
 ConfigOpt = Annotated[str | None, typer.Option(
@@ -313,8 +313,8 @@ def compare(
 def bench(
     device: DeviceOpt = None,
     cells: Annotated[str, typer.Option(
-        "--cells", help="Comma-separated contenders: rnn, lstm, gru, transformer.")
-    ] = "rnn,lstm,gru,transformer",
+        "--cells", help="Comma-separated cells, or 'all': every cell of charlm.model.REGISTRY "
+        "(an unknown name lists them).")] = "all",
     repeats: Annotated[int | None, typer.Option(
         "--repeats", help="Timed repeats per contender (interleaved round-robin).",
         show_default="5; 2 with --quick")] = None,

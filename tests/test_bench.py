@@ -52,7 +52,10 @@ def test_quick_json_has_every_contender_with_positive_rates(quick_result):
     variants = {("train", f"{who}-{cell}-32-{v}") for who in ("charlm", "nn")
                 for cell, v in VARIANTS}
     assert variants <= names
-    assert len(names) == 15 + len(variants)
+    mins = {(task, f"{cell}-{h}{v}") for cell in ("mingru", "minlstm")
+            for task, v in (("train", ""), ("train", "-nomlp"), ("sample", ""))}
+    assert mins <= names  # each against charlm's classic cell of its width
+    assert len(names) == 15 + len(variants) + len(mins)
     for c in quick_result["contenders"]:
         assert len(c["repeats"]) == quick_result["repeats"] == 2
         assert all(rate > 0 for rate in c["repeats"])
@@ -63,15 +66,24 @@ def test_quick_json_has_every_contender_with_positive_rates(quick_result):
 
 
 def test_ratios_are_charlm_over_nn_medians_of_the_raw_repeats(quick_result):
-    raw = {(c["task"], c["name"]): c["repeats"] for c in quick_result["contenders"]}
-    # 3 cells x (train, sample) + KV vs recompute + one per layer variant
-    assert len(quick_result["ratios"]) == 7 + len(VARIANTS)
+    rows = quick_result["contenders"]
+    raw = {(c["task"], c["name"]): c["repeats"] for c in rows}
+    # 3 cells x (train, sample) + KV vs recompute + one per layer variant + 2 min cells x 3
+    assert len(quick_result["ratios"]) == 7 + len(VARIANTS) + 6
+    classic = {"mingru": "gru", "minlstm": "lstm"}
     for r in quick_result["ratios"]:
         if r["contender"].startswith("charlm-"):
             assert r["reference"] == "nn-" + r["contender"].removeprefix("charlm-")
-        expected = (statistics.median(raw[r["task"], r["contender"]])
-                    / statistics.median(raw[r["task"], r["reference"]]))
-        assert r["ratio"] == pytest.approx(expected)
+        elif r["contender"].startswith("min"):
+            cell, h = r["contender"].split("-")[:2]
+            assert r["reference"] == f"charlm-{classic[cell]}-{h}"
+    # each ratio is against the reference timed in its own group: the row after it
+    for i, c in enumerate(rows):
+        if c["ratio"] is not None:
+            ref = rows[i + 1]
+            assert ref["name"] == c["reference"] and ref["task"] == c["task"]
+            assert c["ratio"] == pytest.approx(statistics.median(c["repeats"])
+                                               / statistics.median(ref["repeats"]))
     kv = quick_result["kv_cache"]
     assert kv["speedup"] == pytest.approx(
         statistics.median(raw["sample", "transformer-2x32-kv"])

@@ -81,8 +81,9 @@ def test_resume_with_another_world_size_is_refused(hello_run):
 
 @pytest.mark.parametrize("cell", ["lstm", "minlstm"])
 def test_two_process_resume_is_exact(tmp_path, cell):
-    """Stateful LSTM (and minLSTM): 8 steps then a resume to 16 end with the same weights as 16 straight.
-    Each rank carries its own hidden state and stream position through the checkpoint."""
+    """Stateful LSTM and minLSTM: 8 steps then a resume to 16 end with the same weights as
+    16 straight. Each rank carries its own hidden state and stream position through the
+    checkpoint."""
     text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(60))
     (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
     common = ["--config", cell, "--set", "train.stateful=true",  # per-rank stream positions

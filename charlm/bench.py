@@ -5,7 +5,9 @@ This module owns the benchmark's contenders, its timing and its report:
 - training tokens/s of a full char-LM step (embedding -> 2 recurrent layers -> head ->
   cross-entropy -> backward -> gradient clip -> AdamW step, as `charlm train` does it) with a
   `charlm.cells` body against a `torch.nn` body of identical shape and identical weights
-  inside the same `RecurrentLM` wrapper, so the recurrent body is the only difference;
+  inside the same `RecurrentLM` wrapper, so the recurrent body is the only difference; in
+  float32 and, where the CPU multiplies bf16 natively, again with both under bf16 autocast
+  (`--precision`), where charlm in bf16 is also measured against itself in float32;
 - sampling characters/s (batch 1, one character at a time, state carried, the per-step work
   of `charlm.sample.generate`) for the same pairs;
 - the Transformer baseline's training tokens/s, and its sampling with the KV cache against
@@ -20,7 +22,6 @@ It knows nothing of the CLI: bad options are ValueErrors naming the flag.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import platform
 import resource
@@ -40,7 +41,7 @@ from . import __version__
 from . import cells as charlm_cells
 from .cells.fused import inductor
 from .config import Config, ModelConfig, TrainConfig
-from .device import autocast, configure_math, math_settings
+from .device import autocast, bf16_native, configure_math, math_settings, resolve_precision
 from .model import REGISTRY, RecurrentLM, build_model, detach_state
 from .sample import pick_next
 from .train import make_optimizer
@@ -59,11 +60,13 @@ NN_BODIES: dict[str, Callable[..., nn.Module]] = {"rnn": nn.RNN, "lstm": nn.LSTM
 # little more than one, so the GPU's target is lower. Other devices: no target.
 KV_TARGETS = {"cpu": 5.0, "cuda": 2.0}
 KV_TARGET = KV_TARGETS["cpu"]
-# The precision each kind of contender trains in. Recurrent pairs run in float32 without
-# autocast: under CUDA autocast torch sends nn.LSTM/nn.GRU through cuDNN in float16 while
-# charlm's recurrence stays float32, which would compare unlike with unlike. The Transformer
-# trains as `charlm train` runs it (bf16 autocast on CUDA).
-RECURRENT_PRECISION = "fp32"
+# The precisions each kind of contender trains in (`--precision`, see `bench_precisions`).
+# Recurrent pairs: both contenders of a pair always in the same one, fp32 (no autocast) or
+# bf16 autocast. auto adds bf16 to fp32 on a CPU with native bf16 units only: under CUDA
+# autocast torch sends nn.LSTM/nn.GRU through cuDNN in low precision while charlm's recurrence
+# stays float32 there (charlm/cells/fused/precision.py), unlike with unlike. The Transformer
+# and the other registry cells train as `charlm train` would with train.precision=--precision.
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
 SCHEMA = "charlm-bench/1"
 # charlm and torch.nn logits may differ by rounding (TF32/bf16 kernels on CUDA), not more.
 SAME_FUNCTION_TOL = 1e-2
@@ -177,10 +180,11 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_training(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-                  y: torch.Tensor, steps: int, device: torch.device, amp: bool = True) -> float:
+                  y: torch.Tensor, steps: int, device: torch.device,
+                  precision: str = "fp32") -> float:
     """Seconds for `steps` training steps on the batch (x, y), each as `charlm train` does it:
-    forward (under autocast with `amp`), cross-entropy, backward, gradient clip, optimizer
-    step, state carried.
+    forward (under `precision`: fp32, or bf16 autocast), cross-entropy, backward, gradient
+    clip, optimizer step, state carried.
 
     `loss.item()` is left out: the benchmark should not add a host sync per step."""
     grad_clip = TrainConfig().grad_clip
@@ -188,7 +192,7 @@ def time_training(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.T
     synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
-        with autocast(device) if amp else contextlib.nullcontext():
+        with autocast(device, precision):
             logits, new_state = model(x, state)
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         optimizer.zero_grad(set_to_none=True)
@@ -275,6 +279,8 @@ class Contender:
     resident: Callable[[], int]
     reference: str | None = None  # the contender (same task) its ratio is taken against
     against: Contender | None = field(default=None, repr=False)  # that contender itself
+    # further references of the same group for the "ratios" list (charlm bf16 vs its fp32)
+    also_against: list[Contender] = field(default_factory=list, repr=False)
     info: dict = field(default_factory=dict)
     rates: list[float] = field(default_factory=list)
     peak_mem_bytes: int | None = None
@@ -289,14 +295,13 @@ def _released() -> float:
 
 
 def _train_contender(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                     steps: int, warmup_steps: int, device: torch.device, amp: bool = True,
-                     **info) -> Contender:
+                     steps: int, warmup_steps: int, device: torch.device,
+                     precision: str = "fp32", **info) -> Contender:
     opt = make_optimizer(model, TrainConfig(), device)
-    precision = "bf16-autocast" if amp and device.type == "cuda" else "fp32"
     return Contender(
         "train", name, "tokens/s", steps * x.numel(),
-        timed=lambda: time_training(model, opt, x, y, steps, device, amp),
-        warmup=lambda: time_training(model, opt, x, y, warmup_steps, device, amp),
+        timed=lambda: time_training(model, opt, x, y, steps, device, precision),
+        warmup=lambda: time_training(model, opt, x, y, warmup_steps, device, precision),
         resident=lambda: resident_bytes(model, opt), info={**info, "precision": precision})
 
 
@@ -329,19 +334,29 @@ def _batch(shape: BenchShape, device: torch.device) -> tuple[torch.Tensor, torch
 
 
 def recurrent_groups(cell: str, shape: BenchShape, steps: int, device: torch.device,
-                     checks: dict) -> list[Group]:
-    """One recurrent cell's groups: per width, training and sampling, charlm vs torch.nn."""
+                     checks: dict, precisions: Sequence[str] = ("fp32",)) -> list[Group]:
+    """One recurrent cell's groups: per width, training (in each of `precisions`, all of them
+    interleaved in one group) and sampling (fp32), charlm vs torch.nn."""
     x, y = _batch(shape, device)
 
     def train(h: int) -> list[Contender]:
-        ours, theirs = build_recurrent_pair(cell, shape, h, device)
-        checks["max_logit_diff"][f"{cell}-{h}"] = max_logit_difference(ours, theirs, x)
         info = {"cell": cell, "hidden": h}
-        amp = RECURRENT_PRECISION != "fp32"  # both in one precision: see RECURRENT_PRECISION
-        return [_train_contender(f"charlm-{cell}-{h}", ours, x, y, steps, shape.warmup_steps,
-                                 device, amp, impl="charlm.cells", **info),
-                _train_contender(f"nn-{cell}-{h}", theirs, x, y, steps, shape.warmup_steps,
-                                 device, amp, impl="torch.nn", **info)]
+        group: list[Contender] = []
+        for precision in precisions:
+            ours, theirs = build_recurrent_pair(cell, shape, h, device)
+            if not group:
+                checks["max_logit_diff"][f"{cell}-{h}"] = max_logit_difference(ours, theirs, x)
+            tag = "" if precision == "fp32" else f"-{precision}"
+            group += _with_reference([
+                _train_contender(f"charlm-{cell}-{h}{tag}", ours, x, y, steps,
+                                 shape.warmup_steps, device, precision, impl="charlm.cells",
+                                 **info),
+                _train_contender(f"nn-{cell}-{h}{tag}", theirs, x, y, steps,
+                                 shape.warmup_steps, device, precision, impl="torch.nn",
+                                 **info)])
+        for c in group[2::2]:  # charlm in bf16 against charlm in fp32, when both ran
+            c.also_against.append(group[0])
+        return group
 
     def sample(h: int) -> list[Contender]:
         ours, theirs = build_recurrent_pair(cell, shape, h, device)
@@ -353,7 +368,7 @@ def recurrent_groups(cell: str, shape: BenchShape, steps: int, device: torch.dev
 
     groups = []
     for h in shape.hidden:
-        groups += [Group(f"train {cell} h{h}", 2, lambda h=h: _with_reference(train(h))),
+        groups += [Group(f"train {cell} h{h}", 2 * len(precisions), lambda h=h: train(h)),
                    Group(f"sample {cell} h{h}", 2, lambda h=h: _with_reference(sample(h)))]
     return groups
 
@@ -367,11 +382,12 @@ def build_registry_model(cell: str, shape: BenchShape, hidden: int, device: torc
     return build_model(cfg, shape.vocab_size).to(device)
 
 
-def registry_groups(cell: str, shape: BenchShape, steps: int, device: torch.device) -> list[Group]:
-    """A registry cell without a torch.nn twin, per width: training and sampling against the
-    charlm cell it simplifies (CLASSIC_OF), or alone. A min cell trains twice: as bare
-    residual layers (`ff_mult=0`, "-nomlp": what the scan buys against the classic cell's
-    loop) and as its preset builds it, with the MLPs."""
+def registry_groups(cell: str, shape: BenchShape, steps: int, device: torch.device,
+                    precision: str = "fp32") -> list[Group]:
+    """A registry cell without a torch.nn twin, per width: training (in `precision`) and
+    sampling against the charlm cell it simplifies (CLASSIC_OF), or alone. A min cell trains
+    twice: as bare residual layers (`ff_mult=0`, "-nomlp": what the scan buys against the
+    classic cell's loop) and as its preset builds it, with the MLPs."""
     x, y = _batch(shape, device)
     classic = CLASSIC_OF.get(cell)
     variants = [{"ff_mult": 0}, {}] if classic else [{}]
@@ -386,7 +402,7 @@ def registry_groups(cell: str, shape: BenchShape, steps: int, device: torch.devi
     def train(h: int, extra: dict) -> list[Contender]:
         def make(name, model, **info):
             return _train_contender(name, model, x, y, steps, shape.warmup_steps, device,
-                                    **info)
+                                    precision, **info)
 
         model = build_registry_model(cell, shape, h, device, **extra)
         name = f"{cell}-{h}" + ("-nomlp" if extra else "")
@@ -475,8 +491,9 @@ def layer_variant_groups(cell: str, shape: BenchShape, steps: int, device: torch
 
 
 def transformer_groups(shape: BenchShape, steps: int, device: torch.device,
-                       checks: dict) -> list[Group]:
-    """The Transformer's groups: training alone; sampling with the KV cache vs recompute."""
+                       checks: dict, precision: str = "fp32") -> list[Group]:
+    """The Transformer's groups: training (in `precision`) alone; sampling with the KV cache
+    vs recompute."""
     name = f"transformer-{shape.tf_layers}x{shape.tf_width}"
     info = {"cell": "transformer", "hidden": shape.tf_width, "layers": shape.tf_layers}
 
@@ -484,7 +501,8 @@ def transformer_groups(shape: BenchShape, steps: int, device: torch.device,
         x, y = _batch(shape, device)
         model = build_transformer(shape, shape.seq_len, device)
         return [_train_contender(name, model, x, y, steps, shape.warmup_steps, device,
-                                 impl="charlm.transformer", context=shape.seq_len, **info)]
+                                 precision, impl="charlm.transformer", context=shape.seq_len,
+                                 **info)]
 
     def sample() -> list[Contender]:
         ctx = shape.kv_context
@@ -547,11 +565,27 @@ def stability(rates: Sequence[float]) -> float | None:
     return statistics.median(rates[0::2]) / statistics.median(rates[1::2])
 
 
+def bench_precisions(precision: str, device: torch.device) -> tuple[list[str], str]:
+    """`--precision` -> (the precisions the recurrent pairs train in, the one the Transformer
+    and the other registry cells train in). auto: fp32, plus bf16 on a CPU that multiplies
+    bf16 natively (see PRECISION_CHOICES), and the others as `charlm train` resolves auto;
+    fp32 or bf16: that one for all. Anything else is a ValueError naming the flag."""
+    value = precision.strip().lower() if isinstance(precision, str) else precision
+    if value not in PRECISION_CHOICES:
+        raise ValueError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+    if value != "auto":
+        return [value], value
+    native = device.type == "cpu" and bf16_native(device)
+    return (["fp32", "bf16"] if native else ["fp32"]), resolve_precision("auto", device)
+
+
 def run_bench(device: torch.device, cells: Sequence[str] | None = None,
               shape: BenchShape | None = None, repeats: int = 5, steps: int = 10,
-              progress: bool = True, variants: bool = True) -> dict:
+              progress: bool = True, variants: bool = True, precision: str = "auto") -> dict:
     """Run every contender of `cells` and return the JSON-ready result (see `format_table`);
-    `variants` adds the bidirectional and packed-input layer groups."""
+    `variants` adds the bidirectional and packed-input layer groups (float32); `precision`
+    (auto | fp32 | bf16) is `bench_precisions`'s."""
+    precisions, train_precision = bench_precisions(precision, device)
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
     if steps < 1:
@@ -567,13 +601,13 @@ def run_bench(device: torch.device, cells: Sequence[str] | None = None,
     groups: list[Group] = []
     for cell in cells:
         if cell == "transformer":
-            groups += transformer_groups(shape, steps, device, checks)
+            groups += transformer_groups(shape, steps, device, checks, train_precision)
         elif cell in RECURRENT_CELLS:
-            groups += recurrent_groups(cell, shape, steps, device, checks)
+            groups += recurrent_groups(cell, shape, steps, device, checks, precisions)
             if variants:
                 groups += layer_variant_groups(cell, shape, steps, device, checks)
         else:
-            groups += registry_groups(cell, shape, steps, device)
+            groups += registry_groups(cell, shape, steps, device, train_precision)
     contenders: list[Contender] = []
     failures: list[dict] = []
     bar = tqdm(total=repeats * sum(g.size for g in groups), unit="repeat", file=sys.stderr,
@@ -601,7 +635,10 @@ def run_bench(device: torch.device, cells: Sequence[str] | None = None,
     finally:
         bar.close()
     checks["compiled_lstm_step"] = inductor.uses > kernel_uses
-    return _result(contenders, failures, device, shape, repeats, steps, checks)
+    used = {"requested": precision, "recurrent": "+".join(precisions),
+            "transformer": train_precision, "registry": train_precision, "sampling": "fp32",
+            "variants": "fp32", "bf16_native": bf16_native(device)}
+    return _result(contenders, failures, device, shape, repeats, steps, checks, used)
 
 
 def kv_cache_target(device_type: str, smoke: bool = False) -> float | None:
@@ -654,7 +691,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _result(contenders: list[Contender], failures: list[dict], device: torch.device,
-            shape: BenchShape, repeats: int, steps: int, checks: dict) -> dict:
+            shape: BenchShape, repeats: int, steps: int, checks: dict, precision: dict) -> dict:
     quick = shape.smoke
     rows, ratios = [], []
     for c in contenders:
@@ -663,6 +700,9 @@ def _result(contenders: list[Contender], failures: list[dict], device: torch.dev
             ratio = statistics.median(c.rates) / statistics.median(c.against.rates)
             ratios.append({"task": c.task, "contender": c.name, "reference": c.reference,
                            "ratio": ratio})
+        for other in c.also_against:  # e.g. charlm in bf16 against charlm in fp32
+            ratios.append({"task": c.task, "contender": c.name, "reference": other.name,
+                           "ratio": statistics.median(c.rates) / statistics.median(other.rates)})
         rows.append({"task": c.task, "name": c.name, **c.info, "unit": c.unit,
                      "work_per_repeat": c.work, "median": statistics.median(c.rates),
                      "repeats": list(c.rates), "reference": c.reference, "ratio": ratio,
@@ -678,13 +718,13 @@ def _result(contenders: list[Contender], failures: list[dict], device: torch.dev
                    # torch.nn's RNN kernels: oneDNN on CPU, cuDNN on CUDA (when enabled)
                    "onednn": torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled,
                    "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-                   "autocast": "bf16" if device.type == "cuda" else None,
+                   "autocast": "bf16" if "bf16" in precision["recurrent"].split("+")
+                   or precision["transformer"] == "bf16" else None,
                    "cpu": cpu_features()},
-        # One precision per comparison: recurrent pairs (charlm vs torch.nn) in float32, the
-        # Transformer as `charlm train` runs it; and the TF32 switches in force for both.
-        "precision": {"recurrent": RECURRENT_PRECISION,
-                      "transformer": "bf16-autocast" if device.type == "cuda" else "fp32",
-                      "math": math_settings()},
+        # One precision per comparison: each recurrent pair (charlm vs torch.nn) in one of
+        # fp32 / bf16 autocast, the others as `charlm train` runs them (PRECISION_CHOICES);
+        # and the TF32 switches in force for all.
+        "precision": {**precision, "math": math_settings()},
         "shape": dataclasses.asdict(shape),
         "repeats": repeats,
         "steps": steps,
@@ -739,9 +779,16 @@ def format_table(result: dict) -> str:
     p = result.get("precision")
     if p:
         m = p["math"]
-        notes.append(f"precision: charlm vs torch.nn both {p['recurrent']} (no autocast), "
-                     f"Transformer {p['transformer']}; TF32 matmul {m['matmul_allow_tf32']}, "
-                     f"cuDNN TF32 {m['cudnn_allow_tf32']}")
+        pairs = " and ".join(f"both {q}" + (" (no autocast)" if q == "fp32" else " (autocast)")
+                             for q in p["recurrent"].split("+"))
+        notes.append(f"precision: charlm vs torch.nn {pairs}; Transformer and min cells "
+                     f"{p['transformer']}, sampling and layer variants fp32; TF32 matmul "
+                     f"{m['matmul_allow_tf32']}, cuDNN TF32 {m['cudnn_allow_tf32']}")
+        own = [f"{r['contender']} {r['ratio']:.2f}x" for r in result["ratios"]
+               if r["contender"].startswith("charlm-") and r["contender"].endswith("-bf16")
+               and r["reference"].startswith("charlm-")]
+        if own:
+            notes.append(f"charlm bf16 / charlm fp32 (same group): {', '.join(own)}")
     if kv["speedup"] is not None and kv["target"] is None:
         why = "a smoke-test shape" if s.get("smoke") else f"no target for {d['type']}"
         notes.append(f"KV cache speedup {kv['speedup']:.1f}x at context {s['kv_context']} "

@@ -160,9 +160,11 @@ def sample(
         "--seed", help="Random seed for reproducible samples.", show_default="random")] = None,
     device: DeviceOpt = None,
 ) -> None:
-    """Continue --prime with the newest run (or --run); the text goes to stdout."""
+    """Continue --prime with the newest run (or --run); the text goes to stdout.
+
+    The model runs in the precision the run trained in (its train.precision: fp32 or bf16)."""
     from .checkpoint import load_run_for_use
-    from .device import resolve_device
+    from .device import resolve_device, resolve_precision
     from .sample import check_sampling_options, generate
 
     check_sampling_options(length, temperature, top_k, top_p, seed)
@@ -178,8 +180,10 @@ def sample(
     try:
         out.write(prime)
         out.flush()
+        # in the precision the run trained in (its config records fp32 or bf16)
+        precision = resolve_precision(loaded.cfg.train.precision, dev)
         for ch in generate(loaded.model, loaded.vocab, known, length, temperature=temperature,
-                           top_k=top_k, top_p=top_p, seed=seed, device=dev):
+                           top_k=top_k, top_p=top_p, seed=seed, device=dev, precision=precision):
             out.write(ch)
             if ch == "\n":
                 out.flush()
@@ -206,7 +210,9 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     device: DeviceOpt = None,
 ) -> None:
-    """Loss (nats/char), bits per character and perplexity of a run on its validation split."""
+    """Loss (nats/char), bits per character and perplexity of a run on its validation split.
+
+    The model runs in the precision the run trained in (its train.precision: fp32 or bf16)."""
     from .checkpoint import load_run_for_use
     from .data import (
         check_corpus,
@@ -216,7 +222,7 @@ def eval_(
         missing_corpus,
         read_files,
     )
-    from .device import resolve_device
+    from .device import resolve_device, resolve_precision
     from .evaluate import evaluate_tokens
 
     dev = resolve_device(device or "auto")
@@ -249,7 +255,8 @@ def eval_(
                              "(different vocabulary); score a file with --data")
         tokens, what = ds.val, f"validation split of {loaded.cfg.data.source}"
     score = evaluate_tokens(loaded.model, tokens, loaded.cfg.train.seq_len, dev,
-                            progress=sys.stderr.isatty())
+                            progress=sys.stderr.isatty(),
+                            precision=resolve_precision(loaded.cfg.train.precision, dev))
     if as_json:
         typer.echo(json.dumps(score.to_dict()))
     else:
@@ -337,6 +344,11 @@ def bench(
         "--variants/--no-variants",
         help="Also time bare layers with torch.nn's options: bidirectional (LSTM, GRU) and "
              "packed input (lengths uniform in [seq_len/2, seq_len]).")] = True,
+    precision: Annotated[str, typer.Option(
+        "--precision", help="auto | fp32 | bf16: the precision charlm and torch.nn train in, "
+        "always both in the same one. auto: fp32, and again under bf16 autocast (charlm bf16 "
+        "also against its own fp32) on a CPU with native bf16 units (AMX, AVX512-BF16); the "
+        "Transformer and min cells train as `charlm train` would.")] = "auto",
 ) -> None:
     """Time charlm.cells against torch.nn, and the Transformer's KV cache against recomputing.
 
@@ -350,7 +362,8 @@ def bench(
     default_repeats, default_steps = (2, 2) if quick else (5, 10)
     result = run_bench(dev, parse_cells(cells), shape,
                        repeats=default_repeats if repeats is None else repeats,
-                       steps=default_steps if steps is None else steps, variants=variants)
+                       steps=default_steps if steps is None else steps, variants=variants,
+                       precision=precision)
     typer.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 

@@ -29,7 +29,7 @@ from . import checkpoint as ckpt_io
 from . import train as training
 from .config import Config, load_config
 from .data import check_lengths, load_dataset
-from .device import autocast, resolve_device
+from .device import autocast, resolve_device, resolve_precision
 from .model import build_model, count_parameters
 
 PLOT_HINT = 'pip install "charlm[plot]"'
@@ -51,6 +51,7 @@ class Row:
     best_val_loss: float
     val_bpc: float
     device: str
+    precision: str  # what the run trained in: fp32 or bf16 (train.precision, resolved)
 
 
 FIELDS = [f.name for f in dataclasses.fields(Row)]  # the columns of compare.csv
@@ -185,13 +186,14 @@ def warm_up(contenders: list[Contender]) -> None:
     seen = set()
     for c in contenders:
         device = resolve_device(c.cfg.train.device)
-        if (c.cfg.model.cell, device) in seen:
+        precision = resolve_precision(c.cfg.train.precision, device)  # as the run will train
+        if (c.cfg.model.cell, device, precision) in seen:
             continue
-        seen.add((c.cfg.model.cell, device))
+        seen.add((c.cfg.model.cell, device, precision))
         model = build_model(c.cfg, 2).to(device)
         optimizer = training.make_optimizer(model, c.cfg.train, device)
         x = torch.zeros(1, min(8, c.cfg.train.seq_len), dtype=torch.long, device=device)
-        with autocast(device):
+        with autocast(device, precision):
             logits, _ = model(x, None)
             loss = F.cross_entropy(logits.float().flatten(0, 1), x.flatten())
         loss.backward()
@@ -233,7 +235,8 @@ def compare(configs: list[str], overrides: list[str] | None = None, params: str 
                 params=result.params, hidden_size=c.cfg.model.hidden_size, steps=result.step,
                 tokens_per_s=tokens_per_s, wall_time_s=result.elapsed_s,
                 best_val_loss=result.best_val_loss, val_bpc=result.best_val_bpc,
-                device=str(resolve_device(t.device))))
+                device=str(resolve_device(t.device)),
+                precision=resolve_precision(t.precision, resolve_device(t.device))))
             bar.update(1)
             log(f"[{len(rows)}/{len(contenders)}] {c.name}: {result.step} steps, val bpc "
                 f"{result.best_val_bpc:.4f}, {result.elapsed_s:.1f}s")
@@ -260,10 +263,10 @@ def _human(n: int) -> str:
 
 def _table_cells(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     header = ["cell", "run", "params", "steps", "tokens/s", "wall time (s)", "best val loss",
-              "val bits/char", "device"]
+              "val bits/char", "device", "precision"]
     body = [[r.cell, Path(r.run).name, _human(r.params), str(r.steps), f"{r.tokens_per_s:,.0f}",
-             f"{r.wall_time_s:.1f}", f"{r.best_val_loss:.4f}", f"{r.val_bpc:.4f}", r.device]
-            for r in rows]
+             f"{r.wall_time_s:.1f}", f"{r.best_val_loss:.4f}", f"{r.val_bpc:.4f}", r.device,
+             r.precision] for r in rows]
     return header, body
 
 
@@ -273,7 +276,7 @@ def format_table(rows: list[Row]) -> str:
     widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < 2 or i == len(cells) - 1 else c.rjust(w)
+        return "  ".join(c.ljust(w) if i < 2 or i >= len(cells) - 2 else c.rjust(w)
                          for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
 
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
@@ -281,7 +284,7 @@ def format_table(rows: list[Row]) -> str:
 
 def markdown_table(rows: list[Row]) -> str:
     header, body = _table_cells(rows)
-    align = ["---", "---"] + ["---:"] * (len(header) - 3) + ["---"]
+    align = ["---", "---"] + ["---:"] * (len(header) - 4) + ["---", "---"]
     return "\n".join("| " + " | ".join(r) + " |" for r in [header, align, *body]) + "\n"
 
 

@@ -1,9 +1,11 @@
-"""Device selection: `auto` picks CUDA, then MPS, then CPU; asking for an absent device is a
-clear error rather than a crash deep inside torch."""
+"""Device and precision selection: `auto` picks CUDA, then MPS, then CPU, and asking for an
+absent device is a clear error rather than a crash deep inside torch; `train.precision` auto
+picks bf16 where the device multiplies bf16 natively, and `autocast` runs a block in it."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -39,10 +41,45 @@ def resolve_device(name: str) -> torch.device:
     raise ValueError(f"device '{name}' is not supported; use auto, cpu, cuda, cuda:N or mps")
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (fast tensor cores, no loss scaling needed); a no-op elsewhere."""
+@functools.cache
+def _cpu_has_bf16_units() -> bool:
+    """Whether torch's own CPU probe (cpuinfo) reports AMX tiles or AVX512-BF16: the units
+    that make bf16 GEMMs faster than float32 ones. These `torch.cpu._is_*` probes are private
+    (here, and nowhere else in charlm: tests/test_cells_layout.py), so a torch without them
+    gets False: bf16 then stays a choice (`train.precision: bf16`), never the default."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except Exception:  # noqa: BLE001 - an older or newer torch without the probes
+        return False
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices natively: a CUDA GPU with bf16 support
+    (Ampere or newer), or a CPU with AMX or AVX512-BF16 units (from torch, not a CPU-name
+    list). Elsewhere bf16 still works, emulated and slower."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(
+            including_emulation=False)
+    return device.type == "cpu" and _cpu_has_bf16_units()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`train.precision` (auto | fp32 | bf16) -> "fp32" or "bf16" on `device`: auto is bf16
+    where `bf16_native(device)`, else fp32. Anything else is a ValueError naming the key."""
+    value = (precision or "").strip().lower() if isinstance(precision, str) else precision
+    if value == "auto":
+        return "bf16" if bf16_native(device) else "fp32"
+    if value in ("fp32", "bf16"):
+        return value
+    raise ValueError(f"train.precision must be auto, fp32 or bf16, got {precision!r}")
+
+
+def autocast(device: torch.device, precision: str):
+    """The context a forward pass runs in: bf16 autocast (CPU and CUDA alike: matrix products
+    in bf16, accumulated in float32, the rest float32) when `precision` resolves to bf16,
+    else a no-op. How charlm's recurrent layers honour it: charlm/cells/fused/precision.py."""
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -4,7 +4,8 @@
 streams scored window by window, carrying the state for models that carry one, so every
 character is scored exactly once. Only one window of ids is gathered at a time, so scoring a
 memory-mapped split of any size needs memory for a batch, not for the split. `estimate_loss`
-is the quick version used during training.
+is the quick version used during training. Both run the model under `precision` (fp32 or bf16
+autocast; `charlm eval` passes the run's recorded train.precision) and score in float32.
 """
 
 from __future__ import annotations
@@ -45,14 +46,15 @@ def bits_per_char(loss_nats: float) -> float:
 
 
 @torch.no_grad()
-def estimate_loss(model: nn.Module, batches, device: torch.device) -> float:
+def estimate_loss(model: nn.Module, batches, device: torch.device,
+                  precision: str = "fp32") -> float:
     """Mean cross-entropy (nats) over `batches` of (x, y), each scored from a fresh state."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for x, y in batches:
         x, y = x.to(device), y.to(device)
-        with autocast(device):
+        with autocast(device, precision):
             logits, _ = model(x, None)
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
         count += y.numel()
@@ -62,7 +64,8 @@ def estimate_loss(model: nn.Module, batches, device: torch.device) -> float:
 
 @torch.no_grad()
 def evaluate_tokens(model: nn.Module, tokens: torch.Tensor, seq_len: int, device: torch.device,
-                    batch_size: int = 64, progress: bool = False) -> Score:
+                    batch_size: int = 64, progress: bool = False,
+                    precision: str = "fp32") -> Score:
     """Score every character of `tokens` (after the first) once; returns the mean loss.
     `progress` shows a bar (on stderr) of the characters scored."""
     was_training = model.training
@@ -83,7 +86,7 @@ def evaluate_tokens(model: nn.Module, tokens: torch.Tensor, seq_len: int, device
             # tokens: the split is never materialised as int64.
             chunk = tokens[starts[:, None] + s + torch.arange(width + 1)].long().to(device)
             x, y = chunk[:, :-1], chunk[:, 1:]
-            with autocast(device):
+            with autocast(device, precision):
                 logits, state = model(x, state if model.carries_state else None)
             state = detach_state(state)
             loss_sum += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),

@@ -2,7 +2,8 @@
 
 A recurrent model carries its hidden state (O(1) work per character, the prefix is never
 re-run); the Transformer carries its key/value cache. Temperature 0 is greedy decoding;
-top-k and top-p (nucleus) filtering restrict the choice to the most likely characters.
+top-k and top-p (nucleus) filtering restrict the choice to the most likely characters. The
+model runs under `precision` (fp32, or bf16 autocast for a run trained in bf16).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from .data import Vocab
+from .device import autocast
 
 MAX_LENGTH = 10**9  # characters one `charlm sample` generates at most
 MAX_SEED = 2**63 - 1  # torch generators take a signed 64-bit seed
@@ -70,21 +72,28 @@ def pick_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
 @torch.no_grad()
 def generate(model: nn.Module, vocab: Vocab, prime: str, length: int, *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int | None = None, device: torch.device | str = "cpu") -> Iterator[str]:
+             seed: int | None = None, device: torch.device | str = "cpu",
+             precision: str = "fp32") -> Iterator[str]:
     """Yield `length` new characters continuing `prime` (characters outside the vocabulary
-    must already be removed). An empty prime starts from a newline, or the first character."""
+    must already be removed). An empty prime starts from a newline, or the first character.
+    `precision` (fp32 | bf16) is the autocast the model runs under."""
     check_sampling_options(length, temperature, top_k, top_p)
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     start = prime or ("\n" if "\n" in vocab.stoi else vocab.chars[0])
     idx = vocab.encode(start).to(device)[None]  # (1, T)
+
+    def forward(ids: torch.Tensor, state):
+        with autocast(idx.device, precision):
+            return model(ids, state)
+
     try:
-        logits, state = model(idx, None)
+        logits, state = forward(idx, None)
         for i in range(length):
             next_id = pick_next(logits[0, -1], temperature, top_k, top_p, generator)
             yield vocab.chars[int(next_id)]
             if i + 1 < length:
-                logits, state = model(next_id.to(idx.device).view(1, 1), state)
+                logits, state = forward(next_id.to(idx.device).view(1, 1), state)
     finally:
         model.train(was_training)

@@ -44,7 +44,14 @@ from .data import (
     load_dataset,
     missing_corpus,
 )
-from .device import autocast, configure_math, cuda_rng_state, resolve_device, set_cuda_rng_state
+from .device import (
+    autocast,
+    configure_math,
+    cuda_rng_state,
+    resolve_device,
+    resolve_precision,
+    set_cuda_rng_state,
+)
 from .evaluate import bits_per_char, estimate_loss
 from .model import build_model, count_parameters, detach_state, map_state
 from .sample import generate
@@ -335,12 +342,14 @@ class Checkpointer:
 
 
 def train_step(fwd, model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               y: torch.Tensor, hidden, grad_clip: float, device: torch.device, ctx):
+               y: torch.Tensor, hidden, grad_clip: float, device: torch.device, ctx,
+               precision: str = "fp32"):
     """Forward, backward and clip one batch; the optimizer step is left to the caller, which
     first checks the result is finite. Returns (loss, gradient norm before clipping, the new
     hidden state); loss and norm are 0-d tensors, read by the caller only when it needs them
-    (a read is a host sync on a GPU). Under torchrun the loss is the mean over all ranks."""
-    with autocast(device):
+    (a read is a host sync on a GPU). Under torchrun the loss is the mean over all ranks. The
+    forward runs under `precision` (fp32, or bf16 autocast); the loss is taken in float32."""
+    with autocast(device, precision):
         logits, new_hidden = fwd(x, hidden)  # (B, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
     optimizer.zero_grad(set_to_none=True)
@@ -355,7 +364,7 @@ def train_step(fwd, model: torch.nn.Module, optimizer: torch.optim.Optimizer, x:
 
 
 def warm_up_compiled(fwd, model: torch.nn.Module, x: torch.Tensor, hidden, device: torch.device,
-                     stateful: bool) -> float:
+                     stateful: bool, precision: str = "fp32") -> float:
     """Compile `fwd` (a `torch.compile`d model) before the clock starts; returns the seconds.
 
     torch.compile compiles on the first call, forward and backward: run inside the first timed
@@ -369,7 +378,7 @@ def warm_up_compiled(fwd, model: torch.nn.Module, x: torch.Tensor, hidden, devic
     with torch.random.fork_rng(devices=devices):
         state = hidden
         for _ in range(2 if stateful and hidden is None else 1):
-            with autocast(device):
+            with autocast(device, precision):
                 logits, state = fwd(x, state)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), x.flatten())
             loss.backward()
@@ -477,10 +486,10 @@ def _evaluate(st: TrainState, model, val_batches, ds, t, device, ctx, run_dir: P
     """Validation loss, a sample into samples.txt, a metrics row, then best.pt (if better)
     and last.pt. Rank 0 scores the plain module (not the DDP wrapper: no collectives) and
     samples while the others wait in the broadcast, so all take the same best.pt decision."""
-    val = estimate_loss(model, val_batches, device) if ctx.is_main else math.nan
+    val = estimate_loss(model, val_batches, device, t.precision) if ctx.is_main else math.nan
     if t.sample_length and ctx.is_main:
         text = "".join(generate(model, ds.vocab, "", t.sample_length, temperature=0.8,
-                                seed=t.seed + st.step, device=device))
+                                seed=t.seed + st.step, device=device, precision=t.precision))
         with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
             f.write(f"=== step {st.step} | val bpc {bits_per_char(val):.3f} ===\n{text}\n\n")
         if interactive:
@@ -503,6 +512,9 @@ def _train(ctx, cfg: Config, runs_dir: Path, run_dir: Path, resumed: dict | None
     t = cfg.train
     device = distributed.rank_device(resolve_device(t.device), ctx)  # cuda:LOCAL_RANK
     configure_math(device)  # TF32 tensor cores on CUDA for the float32 matmuls autocast leaves
+    # auto becomes what this device does (bf16 where it multiplies bf16 natively), and that is
+    # what config.yaml and the checkpoints record: the run says what it really trained in.
+    t.precision = resolve_precision(t.precision, device)
     ds = _load_checked_dataset(cfg, ctx, run_dir, resumed)
 
     # ---- model, optimizer, data order
@@ -551,7 +563,7 @@ def _train(ctx, cfg: Config, runs_dir: Path, run_dir: Path, resumed: dict | None
     warmup_s = 0.0
     if t.compile:  # compile now, untimed: not out of train.max_time
         x0 = torch.zeros(t.batch_size, t.seq_len, dtype=torch.long, device=device)
-        warmup_s = warm_up_compiled(fwd, model, x0, st.hidden, device, stateful)
+        warmup_s = warm_up_compiled(fwd, model, x0, st.hidden, device, stateful, t.precision)
         if not quiet:
             print(f"compiled the model in {warmup_s:.1f} s (before the clock: not counted in "
                   "train.max_time)", file=sys.stderr, flush=True)
@@ -579,7 +591,7 @@ def _train(ctx, cfg: Config, runs_dir: Path, run_dir: Path, resumed: dict | None
                     st.hidden = None
                 # forward, backward, clip
                 loss, grad_norm_t, new_hidden = train_step(
-                    fwd, model, optimizer, x, y, st.hidden, t.grad_clip, device, ctx)
+                    fwd, model, optimizer, x, y, st.hidden, t.grad_clip, device, ctx, t.precision)
                 if checks is not None:  # CUDA: the fused AdamW skips a non-finite step itself
                     finite = checks.record(loss, grad_norm_t)
                     optimizer.found_inf = (~finite).float()

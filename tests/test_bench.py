@@ -35,8 +35,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def quick_result() -> dict:
-    """One `charlm bench --quick --json` run on CPU, shared by the report tests."""
-    result = CliRunner().invoke(app, ["bench", "--quick", "--json", "--device", "cpu"])
+    """One `charlm bench --quick --json` run on CPU, shared by the report tests; in fp32, so
+    that every machine times the same contenders (bf16 ones: tests/test_precision.py)."""
+    result = CliRunner().invoke(app, ["bench", "--quick", "--json", "--device", "cpu",
+                                      "--precision", "fp32"])
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
@@ -161,7 +163,8 @@ def test_a_failing_group_is_reported_and_the_others_still_run(monkeypatch):
         raise RuntimeError("no kernel for this dtype")
 
     monkeypatch.setitem(bench.NN_BODIES, "gru", broken)
-    result = run_bench(CPU, ["gru", "rnn"], quick_shape(), repeats=1, steps=1, progress=False)
+    result = run_bench(CPU, ["gru", "rnn"], quick_shape(), repeats=1, steps=1, progress=False,
+                       precision="fp32")
     assert [f["group"] for f in result["failures"]] == [
         "train gru h32", "sample gru h32", "train gru h32 bidir", "train gru h32 packed"]
     assert {c["name"] for c in result["contenders"]} == {

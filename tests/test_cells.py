@@ -626,7 +626,8 @@ def test_never_calls_torch_recurrent_kernels(fused, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
 def test_cpu_autocast_bf16(kind):
-    """Under autocast the recurrence runs in float32; results stay close to float32."""
+    """Under CPU bf16 autocast (bf16 GEMMs, float32 states: tests/test_precision.py) results
+    stay close to float32, and one step (sampling) runs in float32."""
     torch.manual_seed(0)
     _, mine = make_layers(kind, num_layers=2, batch_first=True)
     x = torch.randn(9, T, N_IN)

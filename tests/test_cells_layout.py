@@ -6,7 +6,9 @@
   ``charlm.cells``;
 - private torch APIs appear only in their backend file: ``torch.ops.mkldnn`` in
   ``fused/onednn.py``, storage use counts in ``fused/workspace.py``, ``torch._inductor`` and
-  ``make_fx`` in ``fused/inductor.py``.
+  ``make_fx`` in ``fused/inductor.py``; and in the rest of the package, torch's private CPU
+  feature probes (``torch.cpu._is_*``) in ``charlm/device.py`` only, the cells' backends
+  nowhere.
 """
 
 from __future__ import annotations
@@ -28,6 +30,15 @@ PRIVATE = {
     "torch._inductor": "fused/inductor.py",
     "make_fx": "fused/inductor.py",
     "torch.fx": "fused/inductor.py",
+}
+
+
+# the rest of the package: a private API -> the one file (relative to charlm/) allowed to use it
+PACKAGE = PKG.parent
+PACKAGE_FILES = sorted(p for p in PACKAGE.rglob("*.py") if PKG not in p.parents)
+PACKAGE_PRIVATE = {
+    "torch.cpu._": "device.py",  # any private CPU probe (AMX, AVX512-BF16, ...)
+    **{api: None for api in PRIVATE},  # the cells' backends: only inside charlm/cells
 }
 
 
@@ -60,6 +71,16 @@ def imports(path: Path) -> set[str]:
     return found
 
 
+def _absolute_imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.update({node.module, *(f"{node.module}.{a.name}" for a in node.names)})
+    return found
+
+
 def dotted_names(path: Path) -> set[str]:
     """Every attribute chain (``torch.ops.mkldnn._linear_pointwise``) and name in ``path``,
     and every prefix of each chain."""
@@ -80,7 +101,9 @@ def dotted_names(path: Path) -> set[str]:
             names.add(node.id)
         elif isinstance(node, ast.ImportFrom):
             names.update(a.name for a in node.names)
-    for module in imports(path):
+    # imports() resolves relative imports inside charlm.cells; elsewhere absolute ones suffice
+    modules = imports(path) if PKG in path.parents else _absolute_imports(path)
+    for module in modules:
         parts = module.split(".")
         names.update(".".join(parts[: k + 1]) for k in range(len(parts)))
     return names
@@ -123,16 +146,29 @@ def test_private_torch_apis_live_in_their_backend_file(path):
             assert api not in used, f"{rel(path)} uses {api}, which belongs in {home}"
 
 
+@pytest.mark.parametrize("path", PACKAGE_FILES, ids=lambda p: p.relative_to(PACKAGE).as_posix())
+def test_private_torch_apis_outside_the_cells_live_in_device_py(path):
+    used = dotted_names(path)
+    where = path.relative_to(PACKAGE).as_posix()
+    for api, home in PACKAGE_PRIVATE.items():
+        if where != home:
+            hits = {n for n in used if n.startswith(api)} if api.endswith("_") else (
+                {api} & used)
+            assert not hits, f"charlm/{where} uses {sorted(hits)}, which belongs in {home}"
+
+
 def test_the_rules_can_fail():
     """The checkers see a private API and a forbidden import when they are there."""
     bad = PKG / "fused" / "_layout_probe.py"  # inside the package, so imports resolve
     bad.write_text("import torch\nfrom torch.fx.experimental.proxy_tensor import make_fx\n"
-                   "y = torch.ops.mkldnn._linear_pointwise\n")
+                   "y = torch.ops.mkldnn._linear_pointwise\n"
+                   "z = torch.cpu._is_amx_tile_supported()\n")
     bad_import = PKG / "fused" / "_layout_probe2.py"
     bad_import.write_text("from ..layer import LSTM\nfrom charlm import config\n")
     try:
         used = dotted_names(bad)
         assert "torch.ops.mkldnn" in used and "make_fx" in used and "torch.fx" in used
+        assert "torch.cpu._is_amx_tile_supported" in used
         assert {"charlm.cells.layer", "charlm.config"} <= imports(bad_import)
     finally:
         bad.unlink()

@@ -94,32 +94,39 @@ def test_strict_fp32_turns_tf32_off_and_restores_it():
 # ---------------------------------------------------------------- 2. and 7. the bench
 
 
-def test_bench_compares_recurrent_pairs_in_one_precision_and_records_it(monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bench_compares_recurrent_pairs_in_one_precision_and_records_it(monkeypatch, precision):
     entered = []
 
-    def recording_autocast(dev):
-        entered.append(dev)
-        return device.autocast(dev)
+    def recording_autocast(dev, p):
+        entered.append(p)
+        return device.autocast(dev, p)
 
     monkeypatch.setattr(bench, "autocast", recording_autocast)
     result = bench.run_bench(torch.device("cpu"), ["lstm"], bench.quick_shape(), repeats=1,
-                             steps=1, progress=False, variants=False)
-    assert entered == []  # neither charlm nor torch.nn trains under autocast
+                             steps=1, progress=False, variants=False, precision=precision)
+    assert set(entered) == {precision}  # charlm and torch.nn under the same autocast, or none
     trains = [c for c in result["contenders"] if c["task"] == "train"]
-    assert {c["precision"] for c in trains} == {"fp32"} and len(trains) == 2
+    assert {c["precision"] for c in trains} == {precision} and len(trains) == 2
     p = result["precision"]
-    assert p["recurrent"] == "fp32"
+    assert p["recurrent"] == p["requested"] == precision
     assert set(p["math"]) == {"float32_matmul_precision", "matmul_allow_tf32",
                               "cudnn_allow_tf32", "cudnn_enabled"}
-    assert "precision: charlm vs torch.nn both fp32" in bench.format_table(result)
+    how = "(no autocast)" if precision == "fp32" else "(autocast)"
+    assert f"precision: charlm vs torch.nn both {precision} {how}" in bench.format_table(result)
 
 
-def test_the_transformer_still_trains_under_autocast(monkeypatch):
+@pytest.mark.parametrize("native", [True, False])
+def test_the_transformer_trains_as_charlm_train_would(monkeypatch, native):
     entered = []
-    monkeypatch.setattr(bench, "autocast", lambda dev: entered.append(dev) or device.autocast(dev))
-    bench.run_bench(torch.device("cpu"), ["transformer"], bench.quick_shape(), repeats=1,
-                    steps=1, progress=False)
-    assert entered
+    monkeypatch.setattr(device, "bf16_native", lambda dev: native)
+    monkeypatch.setattr(bench, "bf16_native", lambda dev: native)
+    monkeypatch.setattr(bench, "autocast", lambda dev, p: entered.append(p) or device.autocast(
+        dev, p))
+    result = bench.run_bench(torch.device("cpu"), ["transformer"], bench.quick_shape(),
+                             repeats=1, steps=1, progress=False)
+    want = "bf16" if native else "fp32"  # train.precision auto, resolved for this device
+    assert set(entered) == {want} and result["precision"]["transformer"] == want
 
 
 def test_each_device_is_judged_by_its_own_kv_cache_target():

@@ -48,10 +48,12 @@ def compiled(monkeypatch):
 def _random_args(fn, B: int, H: int, dtype: torch.dtype) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     wide, narrow = (B, 4 * H), (B, H)
+    # lstm_forward: gemm, x, c_prev, then out: 4 gates, c, h; lstm_backward: dh_rec, dh_out,
+    # dc, acts, c_prev, c, then out: 4 gate gradients, dc_prev.
     shapes = (
-        [wide, wide, narrow, wide, narrow, narrow]
+        [wide, wide, narrow] + [narrow] * 6
         if fn is lstm_step.lstm_forward
-        else [narrow, narrow, narrow, wide, narrow, narrow, wide, narrow]
+        else [narrow, narrow, narrow, wide, narrow, narrow] + [narrow] * 5
     )
     return [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
 
@@ -67,7 +69,7 @@ def test_compiled_kernel_matches_eager_reference(fn, dtype, compiled):
     fn(*want)
     got = [a.clone() for a in args]
     k(*got)
-    n_out = 3 if fn is lstm_step.lstm_forward else 2
+    n_out = 6 if fn is lstm_step.lstm_forward else 5
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     for a, b in zip(got[-n_out:], want[-n_out:], strict=True):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
@@ -87,6 +89,32 @@ def test_compiled_lstm_layer_matches_torch(batch_first, compiled):
     assert_same(ref, mine, x, None)
     kinds = {fn for fn, k in compiled if k is not None}
     assert kinds == {lstm_step.lstm_forward, lstm_step.lstm_backward}, "compiled path not taken"
+
+
+@needs_compiler
+def test_compiled_lstm_under_bf16_autocast_matches_the_eager_loop(compiled, monkeypatch):
+    """The bf16 kernels (bf16 projection and GEMM output in, float32 states and gates, bf16
+    gate gradients out) compute what the eager bf16 loop computes, up to bf16 rounding."""
+    torch.manual_seed(0)
+    _, mine = make_layers("lstm", True, num_layers=2, batch_first=True)
+    x = torch.randn(4, T, N_IN, generator=torch.Generator().manual_seed(5))
+
+    def run() -> list[torch.Tensor]:
+        mine.zero_grad()
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, (h, c) = mine(xx)
+        (out.square().sum() + c.sum()).backward()
+        return [out, h, c, xx.grad, *(p.grad for p in mine.parameters())]
+
+    got = run()
+    kinds = {fn for fn, k in compiled if k is not None}
+    assert kinds == {lstm_step.lstm_forward_mm, lstm_step.lstm_backward}, "bf16 kernels not used"
+    monkeypatch.setattr(inductor, "ENABLED", False)
+    want = run()
+    assert all(t.dtype == torch.float32 for t in got)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=2e-3)
 
 
 @needs_compiler
@@ -182,7 +210,7 @@ def test_reference_functions_are_the_lstm_equations():
     gemm = h @ cell.weight_hh.T
     acts, c_new, h_new = (torch.empty(B, n * H, dtype=torch.float64) for n in (4, 1, 1))
     with torch.no_grad():
-        lstm_step.lstm_forward(gemm, xg, c.detach(), acts, c_new, h_new)
+        lstm_step.lstm_forward(gemm, xg, c.detach(), *acts.split(H, 1), c_new, h_new)
     h_ref, c_ref = cell(x, (h, c))
     torch.testing.assert_close(h_new, h_ref.detach())
     torch.testing.assert_close(c_new, c_ref.detach())
@@ -196,7 +224,9 @@ def test_reference_functions_are_the_lstm_equations():
     dpre = torch.empty(B, 4 * H, dtype=torch.float64)
     dc_prev = torch.empty(B, H, dtype=torch.float64)
     half = dh / 2  # dh arrives in two parts: through the next step and from the output
-    lstm_step.lstm_backward(half, dh - half, dc, acts, c.detach(), c_new, dpre, dc_prev)
+    lstm_step.lstm_backward(
+        half, dh - half, dc, acts, c.detach(), c_new, *dpre.split(H, 1), dc_prev
+    )
     torch.testing.assert_close(dpre, d_pre)
     torch.testing.assert_close(dc_prev, d_c)
 
@@ -213,7 +243,7 @@ def test_a_wrong_fast_call_path_is_never_used(compiled, monkeypatch):
     want = [a.clone() for a in args]
     lstm_step.lstm_backward(*want)
     k(*args)
-    torch.testing.assert_close(args[-2:], want[-2:])
+    torch.testing.assert_close(args[-5:], want[-5:])
 
 
 def test_old_torch_says_which_version_it_needs(monkeypatch):

@@ -351,7 +351,9 @@ class _Layer(nn.Module):
     ) -> tuple[Tensor, list[Tensor]]:
         """Every layer for one time step without autograd: x (B, I), states (L, B, H)."""
         dev = x.device.type
-        if torch.is_autocast_enabled(dev):  # the recurrence runs in float32 (see fused)
+        # Under any autocast one step runs in float32: batch-1 bf16 products are slower
+        # (measured; charlm/cells/fused/precision.py).
+        if torch.is_autocast_enabled(dev):
             ctx, (x, *states) = fast.float32_region(dev, x, *states)
             with ctx:
                 return self._one_step(x, states, dropout, torch.float32)

@@ -4,17 +4,16 @@ One function per cell runs one layer in one direction over a whole sequence: the
 projection of every step as one GEMM (:mod:`.gemm`), then the recurrence as an autograd
 Function with a hand-written backward through time (:mod:`.bptt`) over a forward time loop
 (:mod:`.scan`), or the loop alone when no gradient is needed. :mod:`.sampling` is the
-one-step path. Private torch APIs live in three files only: :mod:`.onednn` (oneDNN's GEMM),
-:mod:`.workspace` (storage use counts, for buffer recycling) and :mod:`.inductor` (compiled
-step kernels). Nothing here imports the layers or the cells; the tests hold every path to
-the equations and to torch.nn.
+one-step path. Under CPU bf16 autocast the GEMMs run in bf16 and the rest in float32
+(:mod:`.precision`). Private torch APIs live in three files only: :mod:`.onednn` (oneDNN's
+GEMM), :mod:`.workspace` (storage use counts, for buffer recycling) and :mod:`.inductor`
+(compiled step kernels). Nothing here imports the layers or the cells; the tests hold every
+path to the equations and to torch.nn.
 
 ``rows`` (optional everywhere) describes a packed batch: see :mod:`.scan`.
 """
 
 from __future__ import annotations
-
-from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -22,6 +21,7 @@ from torch import Tensor
 from . import inductor
 from .bptt import GRURecurrence, LSTMRecurrence, RNNRecurrence
 from .gemm import project
+from .precision import float32_region, gemm_dtype, recurrence_region
 from .sampling import Sampler
 from .scan import Rows, gru_scan, lengths, lstm_scan, rnn_scan
 from .workspace import WORKSPACE
@@ -29,19 +29,22 @@ from .workspace import WORKSPACE
 __all__ = ["WORKSPACE", "Sampler", "float32_region", "gru", "inductor", "lstm", "rnn"]
 
 
-def float32_region(device_type: str, *tensors: Tensor | None):
-    """(context, tensors) for running a recurrence.
+def _gemm_copy(w: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """The recurrent weight in the GEMMs' dtype: under bf16 autocast a bf16 copy, made once
+    per forward (autograd casts its gradient back to ``w``'s dtype)."""
+    return w if dtype is None else w.to(dtype)
 
-    Under autocast the recurrence runs in float32: the long chain of pointwise updates loses
-    too much in bf16/fp16, and the in-place/``out=`` ops would otherwise meet mixed dtypes
-    (the projection comes out of autocast in low precision, the weights do not). So autocast
-    is switched off around it and the inputs are cast up; otherwise nothing changes. (The
-    Functions' ``custom_fwd`` decorators do the same for CUDA by themselves.)
+
+def _project(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(xg, x_bias): the input projection of every step, xg = x W_ih^T + bias, one GEMM.
+
+    With bf16 GEMMs (:mod:`.precision`) the bias stays out of the bf16 product and comes
+    back as ``x_bias``, which the loop adds in float32 (not rounded to bf16, and cheaper than
+    addmm's broadcast of it); otherwise ``x_bias`` is None.
     """
-    if not torch.is_autocast_enabled(device_type):
-        return nullcontext(), tensors
-    cast = tuple(t.float() if t is not None and t.is_floating_point() else t for t in tensors)
-    return torch.autocast(device_type, enabled=False), cast
+    if gemm_dtype(x.device.type) is None:
+        return project(x, w_ih, bias), None
+    return project(x, w_ih, None), bias
 
 
 def _last(hs: Tensor, rows: Rows) -> Tensor:
@@ -56,13 +59,14 @@ def _last(hs: Tensor, rows: Rows) -> Tensor:
 def rnn(x, h0, w_ih, w_hh, b_ih, b_hh, relu: bool, grad: bool, rows: Rows = None):
     """One Elman RNN layer: x (T, B, I), h0 (B, H) -> (hs (T, B, H), [h_last (B, H)])."""
     # Both biases are plain additive terms here: fold them into the projection.
-    xg = project(x, w_ih, None if b_ih is None else b_ih + b_hh)  # (T, B, H)
-    ctx, (xg, h0, w_hh) = float32_region(xg.device.type, xg, h0, w_hh)
+    xg, x_bias = _project(x, w_ih, None if b_ih is None else b_ih + b_hh)  # (T, B, H)
+    ctx, low, xg, (h0, w_hh, x_bias) = recurrence_region(xg, h0, w_hh, x_bias)
     with ctx:
+        w_mm = _gemm_copy(w_hh, low)
         if grad:
-            hs = RNNRecurrence.apply(xg, h0, w_hh, relu, rows)
+            hs = RNNRecurrence.apply(xg, h0, w_mm, relu, rows, x_bias)
         else:
-            hs = rnn_scan(xg, h0, w_hh, relu, rows)
+            hs, _ = rnn_scan(xg, h0, w_mm, relu, rows, x_bias)
     return hs, [_last(hs, rows)]
 
 
@@ -72,31 +76,36 @@ def lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, grad: bool, rows: Rows = None)
     With a projection (``w_hr``, torch.nn's ``proj_size``) the recurrence runs over
     m_t = o tanh(c_t), of which h_t = W_hr m_t: the gates see W_hh h_{t-1} = (W_hh W_hr)
     m_{t-1}, so the same recurrence runs with W_hh W_hr as its recurrent weight, h0 enters
-    through step 0's input projection, and every h_t comes out of one GEMM after the loop.
+    through step 0's input projection, and every h_t comes out of one GEMM after the loop
+    (under autocast a GEMM like any other, so bf16 under bf16 autocast).
     """
-    xg = project(x, w_ih, None if b_ih is None else b_ih + b_hh)  # (T, B, 4H)
-    ctx, (xg, h0, c0, w_hh, w_hr) = float32_region(xg.device.type, xg, h0, c0, w_hh, w_hr)
+    xg, x_bias = _project(x, w_ih, None if b_ih is None else b_ih + b_hh)  # (T, B, 4H)
+    ctx, low, xg, (h0, c0, w_rec, w_hr32, x_bias) = recurrence_region(
+        xg, h0, c0, w_hh, w_hr, x_bias
+    )
     with ctx:
-        if w_hr is not None:
-            xg[0] += h0 @ w_hh.t()  # the gates of step 0 see W_hh h0
-            w_hh = w_hh @ w_hr  # (4H, H): the recurrence over m
+        if w_hr32 is not None:
+            xg[0] += h0 @ w_rec.t()  # the gates of step 0 see W_hh h0
+            w_rec = w_rec @ w_hr32  # (4H, H): the recurrence over m
             h0 = c0.new_zeros(c0.shape)
+        w_mm = _gemm_copy(w_rec, low)
         if grad:
-            hs, c_last = LSTMRecurrence.apply(xg, h0, c0, w_hh, rows)
+            hs, c_last = LSTMRecurrence.apply(xg, h0, c0, w_mm, rows, x_bias)
         else:
-            hs, c_last, _, _ = lstm_scan(xg, h0, c0, w_hh, False, rows)
-        if w_hr is not None:
-            hs = hs @ w_hr.t()  # (T, B, P)
+            hs, _, c_last, _, _ = lstm_scan(xg, h0, c0, w_mm, False, rows, x_bias)
+    if w_hr is not None:
+        hs = hs @ w_hr.t()  # (T, B, P), under the caller's autocast
     return hs, [_last(hs, rows), c_last]
 
 
 def gru(x, h0, w_ih, w_hh, b_ih, b_hh, grad: bool, rows: Rows = None):
     """One GRU layer: x (T, B, I), h0 (B, H) -> (hs (T, B, H), [h_last (B, H)])."""
-    xg = project(x, w_ih, b_ih)  # (T, B, 3H); b_hh goes to the recurrence
-    ctx, (xg, h0, w_hh, b_hh) = float32_region(xg.device.type, xg, h0, w_hh, b_hh)
+    xg, x_bias = _project(x, w_ih, b_ih)  # (T, B, 3H); b_hh goes to the recurrence
+    ctx, low, xg, (h0, w_hh, b_hh, x_bias) = recurrence_region(xg, h0, w_hh, b_hh, x_bias)
     with ctx:
+        w_mm = _gemm_copy(w_hh, low)
         if grad:
-            hs = GRURecurrence.apply(xg, h0, w_hh, b_hh, rows)
+            hs = GRURecurrence.apply(xg, h0, w_mm, b_hh, rows, x_bias)
         else:
-            hs, _ = gru_scan(xg, h0, w_hh, b_hh, False, rows)
+            hs, _, _ = gru_scan(xg, h0, w_mm, b_hh, False, rows, x_bias)
     return hs, [_last(hs, rows)]

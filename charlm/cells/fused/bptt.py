@@ -7,6 +7,12 @@ its backward is the exact gradient of that equation, held there by float64 gradc
 (tests/test_cells.py::test_gradcheck_*, tests/test_kernels.py) and by every layer test
 against torch.nn. ``rows`` (a packed batch, see :mod:`.scan`) is a plain argument; the
 rows past a sequence's end get zero gradients.
+
+The GEMMs run in ``W_hh``'s dtype and everything else in h0's (they differ under bf16
+autocast, :mod:`.precision`): the backward keeps a copy of each step's gradient operand in
+the GEMMs' dtype (:class:`.scan.GemmCopy`), which the weight-gradient GEMM and, when ``xg``
+came in that dtype, dL/dxg reuse. Each gradient leaves in its input's dtype. ``x_bias`` (the
+projection's bias, kept out of a bf16 ``xg``) gets its gradient from the float32 dL/dpre.
 """
 
 from __future__ import annotations
@@ -38,6 +44,25 @@ def _grow(dh: Tensor, rows: scan.Rows, t: int, tail: Tensor | None) -> Tensor:
     return torch.cat((dh, tail))
 
 
+def _bias_dtype(x_bias: Tensor | None) -> torch.dtype | None:
+    return None if x_bias is None else x_bias.dtype
+
+
+def _bias_grad(dpre: Tensor, dtype: torch.dtype | None, need: tuple[bool, ...]) -> Tensor | None:
+    """dL/dx_bias = the sum of dL/dpre over steps and rows, in the bias's ``dtype`` (None:
+    there is no bias); x_bias is each Function's last argument (``need[-1]``), which callers
+    without one leave out."""
+    if dtype is None or not need[-1]:
+        return None
+    return dpre.sum(dim=(0, 1)).to(dtype)
+
+
+def _in_dtype(dpre: Tensor, dpre_mm: Tensor, dtype: torch.dtype) -> Tensor:
+    """dL/dxg in xg's ``dtype``: the GEMMs' copy of dL/dpre when xg came in that dtype (the
+    bf16 projection's backward GEMMs read it as it is), else dL/dpre itself."""
+    return dpre_mm if dpre_mm.dtype == dtype else dpre
+
+
 def _inject(dc: Tensor, dc_last: Tensor, rows: scan.Rows, t: int) -> None:
     """Rows whose sequences end at step t receive their final-state gradient there."""
     if rows is None:
@@ -50,21 +75,24 @@ def _inject(dc: Tensor, dc_last: Tensor, rows: scan.Rows, t: int) -> None:
 
 
 class RNNRecurrence(torch.autograd.Function):
-    """(xg, h0, W_hh) -> hs (T, B, H): :func:`.scan.rnn_scan` and its gradient."""
+    """(xg, h0, W_hh[, x_bias]) -> hs (T, B, H): :func:`.scan.rnn_scan` and its gradient."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, xg: Tensor, h0: Tensor, w_hh: Tensor, relu: bool, rows=None) -> Tensor:
-        hs = scan.rnn_scan(xg, h0, w_hh, relu, rows)
-        ctx.relu, ctx.rows = relu, rows
-        ctx.save_for_backward(h0, w_hh, hs)
+    def forward(
+        ctx, xg: Tensor, h0: Tensor, w_hh: Tensor, relu: bool, rows=None, x_bias=None
+    ) -> Tensor:
+        hs, hs_mm = scan.rnn_scan(xg, h0, w_hh, relu, rows, x_bias)
+        ctx.relu, ctx.rows, ctx.xg_dtype = relu, rows, xg.dtype
+        ctx.bias_dtype = _bias_dtype(x_bias)
+        ctx.save_for_backward(h0, w_hh, hs, hs_mm)
         return hs
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     @once_differentiable
     def backward(ctx, dhs: Tensor):
-        h0, w_hh, hs = ctx.saved_tensors
+        h0, w_hh, hs, hs_mm = ctx.saved_tensors
         rows = ctx.rows
         T, B, _ = hs.shape
         # The activation's derivative, for all steps at once: tanh' = 1 - h^2, relu' = [h > 0]
@@ -76,59 +104,67 @@ class RNNRecurrence(torch.autograd.Function):
             torch.mul(hs, hs, out=dpre).neg_().add_(1)
         scan.zero_finished(dpre, rows)
         dpre_l = scan.per_step(dpre, rows)
+        dpre_mm = scan.GemmCopy(dpre, rows, w_hh)
         dhs_l = scan.per_step(_dense_rows(dhs), rows)
         _, lin_add = step_gemm_fns(w_hh.t(), B, hs)  # lin_add(x, o) = o + x @ W_hh
         dh = dhs_l[T - 1]  # total dL/dh_t of the live rows
         for t in range(T - 1, 0, -1):
             dpre_l[t].mul_(dh)
             b = dpre_l[t].shape[0]
-            dh = lin_add(dpre_l[t], dhs_l[t - 1][:b])  # dL/dh_{t-1}
+            dh = lin_add(dpre_mm.take(t), dhs_l[t - 1][:b])  # dL/dh_{t-1}
             dh = _grow(dh, rows, t, dhs_l[t - 1][b:])
         dpre_l[0].mul_(dh)
+        dpre_mm.take(0)
         need = ctx.needs_input_grad
-        dh0 = torch.mm(dpre_l[0], w_hh) if need[1] else None
-        dw = dw_hh(dpre, h0, hs) if need[2] else None
-        return dpre, dh0, dw, None, None
+        dh0 = torch.mm(dpre_mm.full[0], w_hh).to(h0.dtype) if need[1] else None
+        dw = dw_hh(dpre_mm.full, h0.to(w_hh.dtype), hs_mm) if need[2] else None
+        db = _bias_grad(dpre, ctx.bias_dtype, need)
+        return _in_dtype(dpre, dpre_mm.full, ctx.xg_dtype), dh0, dw, None, None, db
 
 
 class LSTMRecurrence(torch.autograd.Function):
-    """(xg, h0, c0, W_hh) -> (hs (T, B, H), c_last (B, H)): :func:`.scan.lstm_scan` and its
-    gradient. The forward picks the compiled or the eager loop; each has its own backward
+    """(xg, h0, c0, W_hh[, x_bias]) -> (hs (T, B, H), c_last (B, H)): :func:`.scan.lstm_scan`
+    and its gradient. The forward picks the compiled or the eager loop; each has its own backward
     (:func:`_lstm_backward_compiled`, :func:`_lstm_backward_eager`) for what it saved."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, rows=None):
-        hs, c_last, saved, compiled = scan.lstm_scan(xg, h0, c0, w_hh, True, rows)
+    def forward(ctx, xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, rows=None, x_bias=None):
+        hs, hs_mm, c_last, saved, compiled = scan.lstm_scan(
+            xg, h0, c0, w_hh, True, rows, x_bias
+        )
         # Intermediates go through save_for_backward too: autograd then frees them right
         # after backward (unless the graph is retained), so the workspace can recycle them
-        # even while the caller still holds this step's outputs.
+        # even while the caller still holds this step's outputs. Of hs, the weight gradient
+        # is all that needs it: its copy in the GEMMs' dtype is kept.
         ctx.backward_fn = _lstm_backward_compiled if compiled else _lstm_backward_eager
-        ctx.rows = rows
-        ctx.save_for_backward(h0, w_hh, hs, *saved)  # type: ignore[misc]
+        ctx.rows, ctx.xg_dtype, ctx.bias_dtype = rows, xg.dtype, _bias_dtype(x_bias)
+        ctx.save_for_backward(h0, w_hh, hs_mm, *saved)  # type: ignore[misc]
         return hs, c_last
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     @once_differentiable
     def backward(ctx, dhs: Tensor, dc_last: Tensor):
-        h0, w_hh, hs, *saved = ctx.saved_tensors
+        h0, w_hh, hs_mm, *saved = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dpre, dc0 = ctx.backward_fn(w_hh, _dense_rows(dhs), dc_last, saved, ctx.rows)
-        dh0 = torch.mm(dpre[0], w_hh) if need[1] else None
-        dw = dw_hh(dpre, h0, hs) if need[3] else None
-        return dpre, dh0, dc0 if need[2] else None, dw, None
+        dpre, dpre_mm, dc0 = ctx.backward_fn(w_hh, _dense_rows(dhs), dc_last, saved, ctx.rows)
+        dh0 = torch.mm(dpre_mm[0], w_hh).to(h0.dtype) if need[1] else None
+        dw = dw_hh(dpre_mm, h0.to(w_hh.dtype), hs_mm) if need[3] else None
+        dxg = _in_dtype(dpre, dpre_mm, ctx.xg_dtype)
+        db = _bias_grad(dpre, ctx.bias_dtype, need)
+        return dxg, dh0, dc0 if need[2] else None, dw, None, db
 
 
 def _lstm_backward_eager(w_hh: Tensor, dhs: Tensor, dc_last: Tensor, saved, rows):
     """Backward of the eager :func:`.scan.lstm_scan`: the saved factors scaled per step.
-    Returns (dL/dpre (T, B, 4H), dL/dc0 (B, H))."""
+    Returns (dL/dpre (T, B, 4H), the same in W_hh's dtype, dL/dc0 (B, H))."""
     dpre_dstate, dh_dc_4, acts = saved
     T, B, G = dpre_dstate.shape
     H = G // 4
     dpre = empty((T, B, G), dpre_dstate)
     scan.zero_finished(dpre, rows)
-    dpre_l = scan.per_step(dpre, rows)
+    dpre_mm = scan.GemmCopy(dpre, rows, w_hh)
     dpre_ifg = scan.per_step(dpre[:, :, : 3 * H].view(T, B, 3, H), rows)  # (b, 3, H)
     dpre_o = scan.per_step(dpre[:, :, 3 * H :], rows)
     dpre_dc_ifg = scan.per_step(dpre_dstate[:, :, : 3 * H].view(T, B, 3, H), rows)
@@ -148,22 +184,27 @@ def _lstm_backward_eager(w_hh: Tensor, dhs: Tensor, dc_last: Tensor, saved, rows
         dc_l[t].addcmul_(dh, k_l[t], value=4)  # dL/dc_t += dh o (1 - tanh(c)^2)
         mul(dpre_dc_ifg[t], dc3_l[t], out=dpre_ifg[t])  # dL/d(i, f, g)_pre
         dc_l[t].mul_(f_l[t])  # dL/dc_{t-1} through the forget gate
+        dpre_t = dpre_mm.take(t)
         if t:
             b = n[t]
-            dh = lin_add(dpre_l[t], dhs_l[t - 1][:b])  # dL/dh_{t-1}
+            dh = lin_add(dpre_t, dhs_l[t - 1][:b])  # dL/dh_{t-1}
             dh = _grow(dh, rows, t, dhs_l[t - 1][b:])
-    return dpre, dc
+    return dpre, dpre_mm.full, dc
 
 
 def _lstm_backward_compiled(w_hh: Tensor, dhs: Tensor, dc_last: Tensor, saved, rows):
     """Backward of :func:`.scan.lstm_scan_compiled`: per step one kernel (the compiled
     :func:`.lstm_step.lstm_backward`, eager on partial steps of a packed batch) and one GEMM.
-    Returns (dL/dpre (T, B, 4H), dL/dc0 (B, H))."""
+    Returns (dL/dpre (T, B, 4H), the same, dL/dc0 (B, H)): the kernel writes dL/dpre in
+    W_hh's dtype, which is what the GEMMs read."""
     acts, cs = saved
     T, B, G = acts.shape
-    dpre = empty((T, B, G), acts)
+    H = G // 4
+    dpre = empty((T, B, G), w_hh)
     scan.zero_finished(dpre, rows)
     dpre_l, a_l = scan.per_step(dpre, rows), scan.per_step(acts, rows)
+    dpre4 = dpre.view(T, B, 4, H)
+    d_gates = list(zip(*(scan.per_step(dpre4[:, :, k], rows) for k in range(4)), strict=True))
     n = [B] * T if rows is None else rows
     if rows is None:
         c_prev, c_now = cs.unbind(0)[:T], cs.unbind(0)[1:]
@@ -177,45 +218,50 @@ def _lstm_backward_compiled(w_hh: Tensor, dhs: Tensor, dc_last: Tensor, saved, r
     dc_in = [dc_slots[(t + 1) & 1][: n[t]] for t in range(T)]  # dL/dc_t from step t + 1
     dc_out = [dc_slots[t & 1][: n[t]] for t in range(T)]  # dL/dc_{t-1}
     lin, _ = step_gemm_fns(w_hh.t(), B, acts)  # lin(x, None) = x @ W_hh
-    dh_rec = dc_last.new_zeros((n[-1], dc_last.shape[1]))  # nothing flows into the last step
+    dh_rec = w_hh.new_zeros((n[-1], H))  # nothing flows into the last step
     t = T - 1
-    args = (dh_rec, dhs_l[t], dc_in[t], a_l[t], c_prev[t], c_now[t], dpre_l[t], dc_out[t])
+    args = (dh_rec, dhs_l[t], dc_in[t], a_l[t], c_prev[t], c_now[t], *d_gates[t], dc_out[t])
     full = None
     if n[t] == B:
         full = inductor.kernel(lstm_backward, *args)
     elif rows is not None:  # the last step is partial: find the full-width kernel's shapes
+        dh_like = w_hh.new_empty(dcs[0].shape)  # a GEMM output
         full = inductor.kernel(
-            lstm_backward, dcs[0], dhs[0], dcs[0], acts[0], cs[0], cs[1], dpre[0], dcs[1]
-        )
+            lstm_backward, dh_like, dhs[0], dcs[0], acts[0], cs[0], cs[1], *dpre4[0].unbind(1),
+            dcs[1],
+        )  # fmt: skip
     step = full or lstm_backward
     for t in range(T - 1, -1, -1):
         if rows is not None:
             _inject(dc_slots[(t + 1) & 1], dc_last, rows, t)
             step = full if (full is not None and n[t] == B) else lstm_backward
-        step(dh_rec, dhs_l[t], dc_in[t], a_l[t], c_prev[t], c_now[t], dpre_l[t], dc_out[t])
+        step(dh_rec, dhs_l[t], dc_in[t], a_l[t], c_prev[t], c_now[t], *d_gates[t], dc_out[t])
         if t:
             dh_rec = lin(dpre_l[t], None)  # dL/dh_{t-1} via step t
             if rows is not None:
                 dh_rec = _grow(dh_rec, rows, t, None)
-    return dpre, dcs[0]  # dcs is this call's own buffer
+    return dpre, dpre, dcs[0]  # dcs is this call's own buffer
 
 
 class GRURecurrence(torch.autograd.Function):
-    """(xg, h0, W_hh, b_hh) -> hs (T, B, H): :func:`.scan.gru_scan` and its gradient."""
+    """(xg, h0, W_hh, b_hh[, x_bias]) -> hs (T, B, H): :func:`.scan.gru_scan` and its
+    gradient."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, xg: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor | None, rows=None):
-        hs, saved = scan.gru_scan(xg, h0, w_hh, b_hh, True, rows)
-        ctx.rows = rows
-        ctx.save_for_backward(h0, w_hh, hs, *saved)  # type: ignore[misc]
+    def forward(
+        ctx, xg: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor | None, rows=None, x_bias=None
+    ):
+        hs, hs_mm, saved = scan.gru_scan(xg, h0, w_hh, b_hh, True, rows, x_bias)
+        ctx.rows, ctx.xg_dtype, ctx.bias_dtype = rows, xg.dtype, _bias_dtype(x_bias)
+        ctx.save_for_backward(h0, w_hh, hs, hs_mm, *saved)  # type: ignore[misc]
         return hs
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     @once_differentiable
     def backward(ctx, dhs: Tensor):
-        h0, w_hh, hs, rz, ns, hg_n = ctx.saved_tensors
+        h0, w_hh, hs, hs_mm, rz, ns, hg_n = ctx.saved_tensors
         rows = ctx.rows
         T, B, H = hs.shape
         r, z = rz[:, :, :H], rz[:, :, H:]
@@ -242,7 +288,7 @@ class GRURecurrence(torch.autograd.Function):
         dn = empty((T, B, H), hs)  # dn_pre, which is also dL/d(x_n)
         scan.zero_finished(d_rec, rows)
         scan.zero_finished(dn, rows)
-        d_rec_l = scan.per_step(d_rec, rows)
+        d_rec_mm = scan.GemmCopy(d_rec, rows, w_hh)
         dz_l = scan.per_step(d_rec[:, :, H : 2 * H], rows)
         d_rn = scan.per_step(d_rec.view(T, B, 3, H)[:, :, 0::2], rows)  # (b, 2, H): r and n
         dn_l = scan.per_step(dn, rows)
@@ -257,15 +303,22 @@ class GRURecurrence(torch.autograd.Function):
             mul(dh, dz_dh_l[t], out=dz_l[t])
             mul(dh, dn_dh_l[t], out=dn_l[t])
             mul(dn_b[t], rr_l[t], out=d_rn[t])
+            d_rec_t = d_rec_mm.take(t)
             if t:
                 b = dh.shape[0]
                 direct = addcmul(dhs_l[t - 1][:b], dh, z_l[t])  # through h' = ... + z h
-                dh = lin_add(d_rec_l[t], direct)  # dL/dh_{t-1}
+                dh = lin_add(d_rec_t, direct)  # dL/dh_{t-1}
                 dh = _grow(dh, rows, t, dhs_l[t - 1][b:])
         need = ctx.needs_input_grad
-        dh0 = torch.mm(d_rec_l[0], w_hh).addcmul_(dh, z_l[0]) if need[1] else None
-        dw = dw_hh(d_rec, h0, hs) if need[2] else None
-        db = d_rec.sum(dim=(0, 1)) if need[3] else None
+        dh0 = None
+        if need[1]:
+            dh0 = torch.mm(d_rec_mm.steps[0], w_hh).to(hs.dtype).addcmul_(dh, z_l[0])
+        dw = dw_hh(d_rec_mm.full, h0.to(w_hh.dtype), hs_mm) if need[2] else None
+        db = d_rec.sum(dim=(0, 1)) if need[3] or ctx.bias_dtype is not None else None
         # dL/dxg = [dr_pre, dz_pre, dn_pre]: the input side meets n before the reset gate.
-        dxg = torch.cat((d_rec[:, :, : 2 * H], dn), dim=2, out=empty((T, B, 3 * H), hs))
-        return dxg, dh0, dw, db, None
+        dxg = empty((T, B, 3 * H), hs.new_empty((), dtype=ctx.xg_dtype))
+        torch.cat((d_rec[:, :, : 2 * H], dn), dim=2, out=dxg)
+        db_x = None
+        if ctx.bias_dtype is not None and need[-1]:  # its sum over steps and rows, in float32
+            db_x = torch.cat((db[: 2 * H], dn.sum(dim=(0, 1)))).to(ctx.bias_dtype)
+        return dxg, dh0, dw, db if need[3] else None, None, db_x

@@ -2,10 +2,11 @@
 
 On x86 CPUs torch.nn's LSTM runs on oneDNN, whose fp32 GEMM is faster than the MKL one behind
 ``torch.mm``/``addmm`` for these shapes (figures per machine in docs/performance.md), so the
-fused path uses the same GEMM (:mod:`.onednn`) for float32 CPU tensors with enough rows to
-pay for its fixed cost; everything else (CUDA, float64, tiny batches, builds without the op)
-takes ``torch.addmm``. ``USE_ONEDNN = False`` turns it off. Every function here computes a
-plain ``x @ w.T (+ b)``; the layer tests hold the results to torch.nn.
+fused path uses the same GEMM (:mod:`.onednn`) for float32 and bf16 CPU tensors with enough
+rows to pay for its fixed cost; everything else (CUDA, float64, tiny batches, builds without
+the op) takes ``torch.addmm``. ``USE_ONEDNN = False`` turns it off. Every function here
+computes a plain ``x @ w.T (+ b)``, in its operands' dtype (bf16 GEMMs accumulate in float32
+inside the kernel: see :mod:`.precision`); the layer tests hold the results to torch.nn.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ ONEDNN_MIN_ROWS = 8  # below this many rows addmm's lower fixed cost wins
 
 
 def use_onednn(t: Tensor, rows: int) -> bool:
+    """Whether products with ``t``'s dtype and ``rows`` rows run on oneDNN."""
     return (
         USE_ONEDNN
         and rows >= ONEDNN_MIN_ROWS
-        and t.dtype == torch.float32
+        and t.dtype in (torch.float32, torch.bfloat16)
         and t.device.type == "cpu"
-        and onednn.linear_op() is not None
+        and onednn.linear_op(t.dtype) is not None
     )
 
 
@@ -44,7 +46,7 @@ def _dense(t: Tensor) -> Tensor:
 def mm_nt(x: Tensor, w: Tensor, bias: Tensor | None = None, other: Tensor | None = None) -> Tensor:
     """``x @ w.T (+ bias) (+ other)`` for large operands."""
     if use_onednn(x, x.shape[0]):
-        lin = onednn.linear_op()
+        lin = onednn.linear_op(x.dtype)
         assert lin is not None
         if not x.is_contiguous():
             # oneDNN takes its input row-major and would otherwise copy it into fresh memory
@@ -65,19 +67,27 @@ def step_gemm_fns(
     """``lin(x, b) = x @ w.T (+ b)`` and ``lin_add(x, other) = other + x @ w.T`` for the
     per-step products of a time loop (at most ``rows`` rows each, the same ``w`` every step).
 
-    Where oneDNN runs them, ``w`` is reordered once per sequence into oneDNN's blocked
-    layout: the plain call would re-lay the weight out at every step.
+    ``x`` comes in ``w``'s dtype, ``b`` and ``other`` in the loop's own (``like``'s). Where
+    the two differ (bf16 GEMMs in a float32 loop, :mod:`.precision`) ``lin(x, None)`` is the
+    bf16 product and the sums with ``b`` and ``other`` are float32. Where oneDNN runs them,
+    ``w`` is reordered once per sequence into oneDNN's blocked layout: the plain call would
+    re-lay the weight out at every step.
     """
     w = _dense(w)
-    if use_onednn(like, rows):
-        lin = onednn.linear_op()
-        assert lin is not None
-        if onednn.packing_works():
-            w = onednn.reorder(w, rows)
+    lin = onednn.linear_op(w.dtype) if use_onednn(w, rows) else None
+    if lin is not None and onednn.packing_works(w.dtype):
+        w = onednn.reorder(w, rows)
+    if w.dtype != like.dtype:
+
+        def product(x: Tensor) -> Tensor:
+            return torch.mm(x, w.t()) if lin is None else lin(x, w, None)
+
         return (
-            lambda x, b: lin(x, w, b),
-            lambda x, other: lin(x, w, None).add_(other),
+            lambda x, b: product(x) if b is None else torch.add(b, product(x)),
+            lambda x, other: torch.add(other, product(x)),
         )
+    if lin is not None:
+        return (lambda x, b: lin(x, w, b), lambda x, other: lin(x, w, None).add_(other))
     return (
         lambda x, b: torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t()),
         lambda x, other: torch.addmm(other, x, w.t()),
@@ -109,6 +119,9 @@ class _Projection(torch.autograd.Function):
 def project(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
     """The input projection of every step as one GEMM: (T, B, I) -> (T, B, G)."""
     T, B, n_in = x.shape
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        # The cast autocast would make, and the copy a batch_first input needs, in one pass.
+        x = x.to(torch.bfloat16, memory_format=torch.contiguous_format)
     x2 = x.reshape(T * B, n_in)
     if use_onednn(x2, T * B) and not torch.is_autocast_enabled("cpu"):
         xg = _Projection.apply(x2, w_ih, bias)

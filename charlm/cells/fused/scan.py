@@ -12,9 +12,15 @@ several times dearer than a sigmoid, and the identity is exact up to float round
 on the first ``rows[t]`` rows of its (B, .) slices and finished rows keep their last state.
 Rows past a sequence's end hold zeros in ``hs``. None means every step has all B rows.
 
+Dtypes: a loop runs in its state's dtype (h0's) and its GEMMs in ``w_hh``'s; the two differ
+under CPU bf16 autocast (:mod:`.precision`), where ``xg`` comes in bf16 without its bias
+(``x_bias``, added in the loop's dtype) and each step's new state is also copied to bf16
+(:class:`GemmCopy`) for the next step's product. Every scan also returns that copy of
+``hs``: the backward pass's weight-gradient GEMM reads it.
+
 Each scan computes the recurrence of one equation in :mod:`charlm.cells.equations`, named in
 its docstring; tests/test_cells.py and tests/test_contract.py hold every scan (through the
-layers) to that equation and to torch.nn.
+layers) to that equation and to torch.nn, tests/test_precision.py under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from torch import Tensor
 
 from . import inductor
 from .gemm import step_gemm_fns
-from .lstm_step import lstm_forward
+from .lstm_step import lstm_forward, lstm_forward_mm
 from .workspace import empty
 
 Rows = Sequence[int] | None
@@ -61,6 +67,41 @@ def previous(h0: Tensor, outs: Sequence[Tensor], rows: Rows) -> list[Tensor]:
     return [h0] + [o[:b] for o, b in zip(outs[:-1], rows[1:], strict=True)]
 
 
+def loop_input(xg: Tensor, like: Tensor, x_bias: Tensor | None = None) -> Tensor:
+    """``xg`` (+ ``x_bias``) in ``like``'s dtype, in a recycled buffer where it is a new
+    tensor: the eager loops add a bf16 projection to float32 products in float32."""
+    if x_bias is not None:  # cast, then add in place: torch.add would cast into a temporary
+        return empty(tuple(xg.shape), like).copy_(xg).add_(x_bias)
+    return xg if xg.dtype == like.dtype else empty(tuple(xg.shape), like).copy_(xg)
+
+
+class GemmCopy:
+    """A (T, B, X) buffer's steps in the GEMMs' dtype (``like``'s), for the products that
+    read them.
+
+    Where a loop's GEMMs run in a lower precision than the loop (bf16 under autocast),
+    :meth:`take` copies step t's live rows of ``buf`` into a buffer of that dtype once the
+    step is done, so that ``full`` holds every step for the weight-gradient GEMM after the
+    loop (rows past a sequence's end hold zeros). Where the dtypes agree it is ``buf`` itself
+    and copies nothing.
+    """
+
+    def __init__(self, buf: Tensor, rows: Rows, like: Tensor) -> None:
+        self.copies = buf.dtype != like.dtype
+        self.full = buf
+        if self.copies:
+            self.full = empty(tuple(buf.shape), like)
+            zero_finished(self.full, rows)
+        self._src = per_step(buf, rows)
+        self.steps = per_step(self.full, rows)
+
+    def take(self, t: int) -> Tensor:
+        """Step t's live rows in the GEMMs' dtype (copied now, when they differ)."""
+        if self.copies:
+            self.steps[t].copy_(self._src[t])
+        return self.steps[t]
+
+
 def zero_finished(buf: Tensor, rows: Rows) -> None:
     """Zero the rows of ``buf`` (T, B, ...) past each sequence's end."""
     if rows is not None:
@@ -84,36 +125,43 @@ def tanh_(x: Tensor, minus_one: Tensor, out: Tensor) -> Tensor:
     return torch.add(minus_one, x, alpha=2, out=out)
 
 
-def rnn_scan(xg: Tensor, h0: Tensor, w_hh: Tensor, relu: bool, rows: Rows = None) -> Tensor:
+def rnn_scan(
+    xg: Tensor, h0: Tensor, w_hh: Tensor, relu: bool, rows: Rows = None,
+    x_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """The recurrence of :func:`~charlm.cells.equations.rnn_step`.
 
     Args:
-        xg: (T, B, H) = W_ih x_t + b_ih + b_hh for every step.
+        xg: (T, B, H) = W_ih x_t + b_ih + b_hh for every step (+ ``x_bias``, (H,), if given).
         h0: (B, H) initial state; w_hh: (H, H); rows: see the module docstring.
 
     Returns:
-        hs: (T, B, H), every hidden state (the activations themselves, which is all that
-        the backward pass needs).
+        (hs, hs_mm): hs (T, B, H), every hidden state (the activations themselves, which is
+        all that the backward pass needs besides), and hs_mm, hs in w_hh's dtype.
     """
     T, B, H = xg.shape
-    hs = empty((T, B, H), xg)
+    xg = loop_input(xg, h0, x_bias)
+    hs = empty((T, B, H), h0)
     zero_finished(hs, rows)
-    _, lin_add = step_gemm_fns(w_hh, B, xg)
+    hs_mm = GemmCopy(hs, rows, w_hh)
+    _, lin_add = step_gemm_fns(w_hh, B, h0)
     minus_one = xg.new_full((), -1.0)
     x_l, h_l = per_step(xg, rows), per_step(hs, rows)
-    h_prev = previous(h0.contiguous(), h_l, rows)
+    h_prev = previous(h0.to(w_hh.dtype).contiguous(), hs_mm.steps, rows)
     for t in range(T):
         pre = lin_add(h_prev[t], x_l[t])  # (B, H) = x_t + h W_hh^T
         if relu:
             torch.clamp_min(pre, 0.0, out=h_l[t])
         else:
             tanh_(pre, minus_one, out=h_l[t])
-    return hs
+        hs_mm.take(t)
+    return hs, hs_mm.full
 
 
 def lstm_scan(
-    xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, keep: bool, rows: Rows = None
-) -> tuple[Tensor, Tensor, tuple[Tensor, ...] | None, bool]:
+    xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, keep: bool, rows: Rows = None,
+    x_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...] | None, bool]:
     """The recurrence of :func:`~charlm.cells.equations.lstm_step` (no projection).
 
     Runs :func:`lstm_scan_compiled` where a compiled step kernel is available (CPU, steps
@@ -129,23 +177,27 @@ def lstm_scan(
     - ``acts`` (T, B, 4H): the activated gates (backward reads f).
 
     Args:
-        xg: (T, B, 4H) = W_ih x_t + b_ih + b_hh for every step (gate order i, f, g, o).
+        xg: (T, B, 4H) = W_ih x_t + b_ih + b_hh for every step (gate order i, f, g, o), +
+            ``x_bias`` (4H,) if given.
         h0, c0: (B, H) initial states; w_hh: (4H, H); rows: see the module docstring.
 
     Returns:
-        (hs (T, B, H), c_last (B, H) each row's cell state at its own last step, saved,
-        compiled): saved is (dpre_dstate, dh_dc_4, acts) from the eager loop, or (acts, cs)
-        from the compiled one (``compiled`` says which), or None without ``keep``.
+        (hs (T, B, H), hs_mm (hs in w_hh's dtype), c_last (B, H) each row's cell state at its
+        own last step, saved, compiled): saved is (dpre_dstate, dh_dc_4, acts) from the eager
+        loop, or (acts, cs) from the compiled one (``compiled`` says which), or None without
+        ``keep``.
     """
     T, B, G = xg.shape
     H = G // 4
-    if inductor.eligible(xg, B * H):
-        found = lstm_scan_compiled(xg, h0, c0, w_hh, keep, rows)
+    if inductor.eligible(c0, B * H):
+        found = lstm_scan_compiled(xg, h0, c0, w_hh, keep, rows, x_bias)
         if found is not None:
-            hs, c_last, saved = found
-            return hs, c_last, (saved if keep else None), True
+            hs, hs_mm, c_last, saved = found
+            return hs, hs_mm, c_last, (saved if keep else None), True
+    xg = loop_input(xg, c0, x_bias)
     hs = empty((T, B, H), xg)
     zero_finished(hs, rows)
+    hs_mm = GemmCopy(hs, rows, w_hh)
     # Per step, mult = [g, c_{t-1}, 4 i, tanh(c_t)]: the values that scale s' into
     # dpre_dstate, each written there by the op that computes it, so one multiply does all
     # four. Two alternate, so c_t lands in the next step's slot directly.
@@ -174,7 +226,7 @@ def lstm_scan(
     minus_one = xg.new_full((), -1.0)
     mul, add, addcmul, sigmoid = torch.mul, torch.add, torch.addcmul, torch.sigmoid
     x_l, h_l = per_step(xg, rows), per_step(hs, rows)
-    h_prev = previous(h0.contiguous(), h_l, rows)
+    h_prev = previous(h0.to(w_hh.dtype).contiguous(), hs_mm.steps, rows)
     c_last = xg.new_empty((B, H))
     for t in range(T):
         done = ended(rows, t)
@@ -201,36 +253,45 @@ def lstm_scan(
             k_l[t].mul_(o)  # o s'(2c')
         tanh_c = add(minus_one, u_l[t], alpha=2, out=m_tc[t])  # tanh(c')
         mul(o, tanh_c, out=h_l[t])  # h' = o * tanh(c')
+        hs_mm.take(t)
         if keep:
             dstate4_l[t].mul_(m_all[t])  # s' * [g, c_{t-1}, 4 i, tanh(c')]
     live = B if rows is None else rows[-1]
     c_last[:live] = mults[T & 1, :live, 1]
     saved = (dpre_dstate, dh_dc_4, acts) if keep else None
-    return hs, c_last, saved, False
+    return hs, hs_mm.full, c_last, saved, False
 
 
 def lstm_scan_compiled(
-    xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, keep: bool, rows: Rows = None
-) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]] | None:
+    xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, keep: bool, rows: Rows = None,
+    x_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]] | None:
     """:func:`lstm_scan` with each step's pointwise part as one compiled kernel
     (:func:`.lstm_step.lstm_forward`, which equals ``lstm_step`` after its GEMM); None when
     no kernel is available for this shape.
 
     Stores ``acts`` (T, B, 4H), the activated gates, and ``cs`` (T + 1, B, H), every cell
-    state from c0 on: what :func:`.lstm_step.lstm_backward` reads. Returns (hs, c_last,
-    (acts, cs)); without ``keep`` the last two are scratch. In a packed batch the steps with
-    fewer live rows run :func:`.lstm_step.lstm_forward` eagerly (one kernel per shape would
-    cost seconds of compiling each).
+    state from c0 on: what :func:`.lstm_step.lstm_backward` reads. Returns (hs, hs_mm,
+    c_last, (acts, cs)); without ``keep`` the last two are scratch. In a packed batch the
+    steps with fewer live rows run :func:`.lstm_step.lstm_forward` eagerly (one kernel per
+    shape would cost seconds of compiling each). The kernel reads ``xg`` and the GEMM's
+    output in their own dtype (bf16 under autocast), computes in c0's, and with bf16 GEMMs
+    also adds ``x_bias`` and writes hs_mm (:func:`.lstm_step.lstm_forward_mm`).
     """
     T, B, G = xg.shape
     H = G // 4
-    hs = empty((T, B, H), xg)
+    if x_bias is not None and w_hh.dtype == c0.dtype:  # only the bf16 kernel adds it
+        xg, x_bias = loop_input(xg, c0, x_bias), None
+    hs = empty((T, B, H), c0)
     zero_finished(hs, rows)
-    acts = empty((T if keep else 1, B, G), xg)
-    cs = empty((T + 1 if keep else 2, B, H), xg)
+    hs_mm = GemmCopy(hs, rows, w_hh)
+    acts = empty((T if keep else 1, B, G), c0)
+    cs = empty((T + 1 if keep else 2, B, H), c0)
     cs[0] = c0
-    lin, _ = step_gemm_fns(w_hh, B, xg)
-    x_l, h_l, a_l = per_step(xg, rows), per_step(hs, rows), scratch_steps(acts, rows, T, keep)
+    lin, _ = step_gemm_fns(w_hh, B, c0)
+    x_l, h_l = per_step(xg, rows), per_step(hs, rows)
+    acts4 = acts.view(acts.shape[0], B, 4, H)
+    i_l, f_l, g_l, o_l = (scratch_steps(acts4[:, :, k], rows, T, keep) for k in range(4))
     c_slots = cs.unbind(0) if keep else [cs[t & 1] for t in range(T + 1)]
     n = [B] * T if rows is None else rows
     if rows is None:
@@ -238,48 +299,60 @@ def lstm_scan_compiled(
     else:
         c_in = [c_slots[t][: n[t]] for t in range(T)]
         c_out = [c_slots[t + 1][: n[t]] for t in range(T)]
-    # x_l[0] stands in for the GEMM's output: both are dense (B, 4H).
-    full = inductor.kernel(lstm_forward, x_l[0], x_l[0], c_in[0], a_l[0], c_out[0], h_l[0])
+    # What step t writes: the gates, c_t, h_t and, with bf16 GEMMs, h_t for the next GEMM
+    # (then followed by the bias, which that kernel adds).
+    fn, outs = lstm_forward, [i_l, f_l, g_l, o_l, c_out, h_l]
+    if hs_mm.copies:
+        bias = c0.new_zeros(G) if x_bias is None else x_bias
+        fn, outs = lstm_forward_mm, [*outs, hs_mm.steps, [bias] * T]
+    # x_l[0] stands in for the GEMM's output where they share a dtype: both are dense (B, 4H).
+    gemm_like = x_l[0] if xg.dtype == w_hh.dtype else w_hh.new_empty((B, G))
+    outs_t = list(zip(*outs, strict=True))  # per step
+    full = inductor.kernel(fn, gemm_like, x_l[0], c_in[0], *outs_t[0])
     if full is None:
         return None
-    h_prev = previous(h0.contiguous(), h_l, rows)
-    c_last = xg.new_empty((B, H))
+    h_prev = previous(h0.to(w_hh.dtype).contiguous(), hs_mm.steps, rows)
+    c_last = c0.new_empty((B, H))
     for t in range(T):
         step = full
         if rows is not None:
             done = ended(rows, t)
             if done:
                 c_last[done[0] : done[1]] = c_slots[t][done[0] : done[1]]
-            step = full if n[t] == B else lstm_forward
+            step = full if n[t] == B else fn
         gemm = lin(h_prev[t], None)  # (B, 4H) = h W_hh^T
-        step(gemm, x_l[t], c_in[t], a_l[t], c_out[t], h_l[t])
+        step(gemm, x_l[t], c_in[t], *outs_t[t])
     c_last[: n[-1]] = c_slots[T][: n[-1]]
-    return hs, c_last, (acts, cs)
+    return hs, hs_mm.full, c_last, (acts, cs)
 
 
 def gru_scan(
-    xg: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor | None, keep: bool, rows: Rows = None
-) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+    xg: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor | None, keep: bool, rows: Rows = None,
+    x_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
     """The recurrence of :func:`~charlm.cells.equations.gru_step`.
 
     Args:
-        xg: (T, B, 3H) = W_ih x_t + b_ih for every step (gate order r, z, n).
+        xg: (T, B, 3H) = W_ih x_t + b_ih for every step (gate order r, z, n); b_ih may come
+            apart, as ``x_bias``.
         h0: (B, H); w_hh: (3H, H); b_hh: (3H,) or None. b_hh stays out of ``xg`` because
             its n part sits inside the reset gate; the per-step GEMM adds it for free.
         keep: keep per-step activations for backward; rows: see the module docstring.
 
     Returns:
-        (hs, saved): hs (T, B, H) and when ``keep`` (rz (T, B, 2H) activated r and z,
-        n (T, B, H), hg_n (T, B, H) = W_hn h + b_hn).
+        (hs, hs_mm, saved): hs (T, B, H), hs_mm (hs in w_hh's dtype) and when ``keep`` (rz
+        (T, B, 2H) activated r and z, n (T, B, H), hg_n (T, B, H) = W_hn h + b_hn).
     """
     T, B, G = xg.shape
     H = G // 3
+    xg = loop_input(xg, h0, x_bias)
     n_buf = T if keep else 1
     rz = empty((n_buf, B, 2 * H), xg)
     ns = empty((n_buf, B, H), xg)
     hgn = empty((T, B, H), xg) if keep else None
     hs = empty((T, B, H), xg)
     zero_finished(hs, rows)
+    hs_mm = GemmCopy(hs, rows, w_hh)
     x_rz, x_n = per_step(xg[:, :, : 2 * H], rows), per_step(xg[:, :, 2 * H :], rows)
     rz_l = scratch_steps(rz, rows, T, keep)
     r_l = scratch_steps(rz[:, :, :H], rows, T, keep)
@@ -291,10 +364,11 @@ def gru_scan(
     add, addcmul, lerp = torch.add, torch.addcmul, torch.lerp
     split = (2 * H, H)
     h_l = per_step(hs, rows)
-    h_prev = previous(h0.contiguous(), h_l, rows)
+    h0 = h0.contiguous()
+    h_prev, h_prev_mm = previous(h0, h_l, rows), previous(h0.to(w_hh.dtype), hs_mm.steps, rows)
     for t in range(T):
         h = h_prev[t]
-        hg_rz, hg_n = lin(h, b_hh).split(split, 1)  # (B, 2H), (B, H)
+        hg_rz, hg_n = lin(h_prev_mm[t], b_hh).split(split, 1)  # (B, 2H), (B, H)
         if hgn_l is not None:
             hgn_l[t].copy_(hg_n)
         add(x_rz[t], hg_rz, out=rz_l[t])
@@ -303,4 +377,5 @@ def gru_scan(
         addcmul(x_n[t], r_l[t], hg_n, out=n_t)
         tanh_(n_t, minus_one, out=n_t)  # n = tanh(x_n + r * hg_n)
         lerp(n_t, h, z_l[t], out=h_l[t])  # h' = n + z * (h - n) = (1 - z) n + z h
-    return hs, ((rz, ns, hgn) if keep else None)  # type: ignore[return-value]
+        hs_mm.take(t)
+    return hs, hs_mm.full, ((rz, ns, hgn) if keep else None)  # type: ignore[return-value]

@@ -36,8 +36,8 @@ def compiled(monkeypatch):
     used: list[object] = []
     real = inductor.kernel
 
-    def spy(fn, *args):
-        k = real(fn, *args)
+    def spy(fn, *args, **kw):
+        k = real(fn, *args, **kw)
         used.append((fn, k))
         return k
 

@@ -6,10 +6,13 @@ full-sequence forward."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
-from charlm.cells.fused import min_scan
+from charlm.cells.equations import min_gru_step, min_lstm_step
+from charlm.cells.fused import inductor, min_scan
 from charlm.cells.minimal import MinGRU, MinLSTM
 
 LAYERS = [MinGRU, MinLSTM]
@@ -102,3 +105,82 @@ def test_one_step_at_a_time_equals_the_sequence(cls):
             h = fast.step(x[:, t], h)
             torch.testing.assert_close(h, full[:, t], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h, h_n, atol=1e-5, rtol=1e-5)
+
+
+def loop_recurrence(a, b, reverse=False):
+    """h_t = a_t h_{t-1} + b_t (or d_t = a_{t+1} d_{t+1} + b_t backwards), step by step."""
+    out, h = torch.empty_like(b), torch.zeros_like(b[0])
+    steps = range(a.shape[0] - 1, -1, -1) if reverse else range(a.shape[0])
+    for t in steps:
+        if reverse:
+            h = b[t] + (a[t + 1] * h if t + 1 < a.shape[0] else 0)
+        else:
+            h = a[t] * h + b[t]
+        out[t] = h
+    return out
+
+
+@pytest.mark.parametrize("T", list(range(1, 18)) + [64, 100])
+@pytest.mark.parametrize("batch_major", [False, True])
+def test_recurrences_equal_the_loop(T, batch_major):
+    """Cyclic reduction, forwards and backwards in time, on every T's parity pattern, into a
+    time-major buffer or a (T, B) view of batch-major memory."""
+    g = torch.Generator().manual_seed(T)
+    a, b = torch.rand(T, 3, 4, generator=g), torch.randn(T, 3, 4, generator=g)
+    out = torch.empty(3, T, 4).transpose(0, 1) if batch_major else torch.empty(T, 3, 4)
+    got = min_scan.linear_recurrence(a, b, out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got, loop_recurrence(a, b), atol=1e-6, rtol=1e-5)
+    got = min_scan.reverse_linear_recurrence(a, b, out)
+    torch.testing.assert_close(got, loop_recurrence(a, b, reverse=True), atol=1e-6, rtol=1e-5)
+
+
+POINTWISE = [(min_scan.min_gru_coefficients, min_scan.min_gru_gradients, 2),
+             (min_scan.min_lstm_coefficients, min_scan.min_lstm_gradients, 3)]
+
+
+@pytest.mark.parametrize(("coefficients", "gradients", "chunks"), POINTWISE)
+def test_pointwise_passes_are_the_equations_and_their_gradient(coefficients, gradients, chunks):
+    """a_t h_{t-1} + b_t from the coefficient pass is the step equation; the gradient pass is
+    autograd's gradient of it, given dL/dh_t and h_{t-1} (both sides of g's kink at 0)."""
+    g = torch.Generator().manual_seed(0)
+    T, B, H = 5, 3, 4
+    pre = torch.randn(T, B, chunks * H, generator=g, dtype=torch.float64) * 3
+    h_prev = torch.rand(T, B, H, generator=g, dtype=torch.float64)
+    dh = torch.randn(T, B, H, generator=g, dtype=torch.float64)
+    a, b = torch.empty_like(h_prev), torch.empty_like(h_prev)
+    coefficients(pre, a, b)
+    step = min_gru_step if chunks == 2 else min_lstm_step
+    eye = torch.eye(chunks * H, dtype=torch.float64)  # pre as the step's x, identity W
+    want = torch.stack([step(pre[t], h_prev[t], eye, None) for t in range(T)])
+    torch.testing.assert_close(a * h_prev + b, want)
+
+    pre_ = pre.clone().requires_grad_()
+    a_, b_ = torch.empty_like(h_prev), torch.empty_like(h_prev)
+    coefficients(pre_, a_, b_)  # copy_ into a_, b_ is differentiable
+    (want_grad,) = torch.autograd.grad(a_ * h_prev + b_, pre_, dh)
+    dpre = torch.empty_like(pre)
+    gradients(pre, dh, h_prev, *dpre.split(H, dim=-1))
+    torch.testing.assert_close(dpre, want_grad)
+
+
+needs_compiler = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None,
+    reason="Inductor needs a C++ compiler to build CPU kernels")
+
+
+@needs_compiler
+@pytest.mark.parametrize("cls", LAYERS)
+def test_compiled_passes_equal_the_step_equations(cls, monkeypatch):
+    """The pointwise passes compiled by Inductor (as on a real-sized batch: MIN_NUMEL
+    lowered so a tiny one qualifies), batch_first with a carried state: the step loop's
+    outputs and gradients, and a kernel was really used (forward and backward)."""
+    monkeypatch.setattr(inductor, "ENABLED", True)
+    monkeypatch.setattr(inductor, "MIN_NUMEL", 0)
+    fast, loop = pair(cls, batch_first=True)
+    x, h0 = torch.randn(3, 9, 5), torch.rand(3, 7)
+    uses = inductor.uses
+    a, b = run(fast, x, h0), run(loop, x, h0)
+    assert inductor.uses == uses + 2
+    for got, want in zip([a[0], a[1], *a[2]], [b[0], b[1], *b[2]], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -29,9 +29,23 @@ def _widen(t: Tensor | None) -> Tensor | None:
     return t.float() if t is not None and t.dtype in (torch.bfloat16, torch.float16) else t
 
 
+def _gru_update(pre: Tensor, h: Tensor, g: Tensor) -> Tensor:
+    """h' = (1 - z) h + z g = lerp(h, g, z), z = s(k)."""
+    return torch.lerp(h, g, pre[:, : g.shape[1]].sigmoid_())
+
+
+def _lstm_update(pre: Tensor, h: Tensor, g: Tensor) -> Tensor:
+    """h' = f' h + (1 - f') g = lerp(g, h, f'), f' = f / (f + i) (i' = 1 - f')."""
+    H = g.shape[1]
+    f_i = pre[:, : 2 * H].sigmoid_()
+    f = f_i[:, :H]
+    return torch.lerp(g, h, f.div_(f + f_i[:, H:]))
+
+
 class _MinLayer(nn.Module):
     _chunks = 2
     _step = staticmethod(min_gru_step)
+    _update = staticmethod(_gru_update)
     _scan = staticmethod(min_scan.min_gru_scan)
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
@@ -69,10 +83,12 @@ class _MinLayer(nn.Module):
                              f"got {tuple(input.shape)}")
         x = input.transpose(0, 1) if self.batch_first else input  # (T, B, I)
         if self.fused and x.shape[0] > 1:
-            pre = torch.nn.functional.linear(x, self.weight, self.bias_)  # (T, B, G): one GEMM
-            # Under autocast the GEMM runs in bf16, the scan in float32: scanned in bf16, h
-            # was off by up to 30% (median 0.3%) of float64's at T = 128, in fp32 by 8e-6.
-            hs = self._scan(_widen(pre), _widen(hx))
+            pre = torch.nn.functional.linear(input, self.weight, self.bias_)  # one GEMM
+            pre = pre.transpose(0, 1) if self.batch_first else pre  # (T, B, G), a view
+            # Under autocast the GEMM runs in bf16, the scan in float32 (pre is read as
+            # bf16 and widened in the scan's first pass): scanned in bf16, h was off by up to
+            # 30% (median 0.3%) of float64's at T = 128, in float32 by 8e-6.
+            hs = self._scan(pre, _widen(hx))
         else:  # the step equation itself: the reference, and one-character sampling
             h = hx if hx is not None else x.new_zeros(x.shape[1], self.hidden_size)
             outs = []
@@ -88,6 +104,19 @@ class _MinLayer(nn.Module):
         h = h if h is not None else x.new_zeros(x.shape[0], self.hidden_size)
         return self._step(x, h, self.weight, self.bias_)
 
+    def step_inference(self, x: Tensor, h: Tensor | None) -> Tensor:
+        """:meth:`step` without autograd in fewer ops, for sampling (a batch-1 step costs
+        what its ops' fixed costs add up to): the projection in float32 (x's dtype) also
+        under autocast, g(p) = clamp(p, min=0) + s(clamp(p, max=0)) (equal to
+        equations.min_g), and the update as one lerp. Held to :meth:`step` by
+        tests/test_min_model.py's one-character tests."""
+        H = self.hidden_size
+        pre = torch.nn.functional.linear(x, self.weight, self.bias_).to(x.dtype)
+        p = pre[:, -H:]
+        g = p.clamp(max=0).sigmoid_().add_(p.clamp_(min=0))
+        h = h if h is not None else torch.zeros_like(g)
+        return self._update(pre, h, g)
+
 
 class MinGRU(_MinLayer):
     """minGRU: z = s(W_z x + b_z), h~ = g(W_h x + b_h), h' = (1 - z) h + z h~ (weight (2H, I))."""
@@ -99,4 +128,5 @@ class MinLSTM(_MinLayer):
 
     _chunks = 3
     _step = staticmethod(min_lstm_step)
+    _update = staticmethod(_lstm_update)
     _scan = staticmethod(min_scan.min_lstm_scan)

@@ -52,14 +52,17 @@ def eligible(like: Tensor, numel: int) -> bool:
     )
 
 
-def kernel(fn: Callable[..., None], *args: Tensor) -> Callable[..., object] | None:
+def kernel(fn: Callable[..., None], *args: Tensor,
+           state: Tensor | None = None) -> Callable[..., object] | None:
     """A compiled ``fn`` for arguments shaped like ``args``, or None (run ``fn`` eagerly).
 
     ``args`` are example arguments (only their shapes, strides, dtypes and device are used;
-    their contents are left alone). The third must be a (B, H) state (c_prev, dc): its
-    dtype and ``B * H`` decide eligibility; others may be bf16 (:mod:`.precision`).
+    their contents are left alone). ``state`` (default: the third argument, c_prev or dc) is
+    one step's (B, H) state: its dtype and ``B * H`` decide eligibility; other arguments may
+    be bf16 (:mod:`.precision`).
     """
-    if not eligible(args[2], args[2].numel()):
+    state = args[2] if state is None else state
+    if not eligible(state, state.numel()):
         return None
     key = (
         fn,

@@ -65,7 +65,8 @@ KV_TARGET = KV_TARGETS["cpu"]
 # bf16 autocast. auto adds bf16 to fp32 on a CPU with native bf16 units only: under CUDA
 # autocast torch sends nn.LSTM/nn.GRU through cuDNN in low precision while charlm's recurrence
 # stays float32 there (charlm/cells/fused/precision.py), unlike with unlike. The Transformer
-# and the other registry cells train as `charlm train` would with train.precision=--precision.
+# trains as `charlm train` would with train.precision=--precision; the other registry cells
+# (charlm against charlm) in the recurrent pairs' precisions and that one.
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 SCHEMA = "charlm-bench/1"
 # charlm and torch.nn logits may differ by rounding (TF32/bf16 kernels on CUDA), not more.
@@ -139,16 +140,22 @@ def parse_cells(text: str) -> list[str]:
 # ---------------------------------------------------------------------------- models
 
 
+def build_charlm_lm(cell: str, shape: BenchShape, hidden: int,
+                    device: torch.device) -> RecurrentLM:
+    """charlm's RecurrentLM of `cell` at the bench's shape, from seed 0 (the first of
+    :func:`build_recurrent_pair`'s twins)."""
+    torch.manual_seed(0)
+    body = CHARLM_BODIES[cell](hidden, hidden, num_layers=shape.num_layers, batch_first=True)
+    return RecurrentLM(body, shape.vocab_size, hidden, dropout=0.0).to(device)
+
+
 def build_recurrent_pair(cell: str, shape: BenchShape, hidden: int,
                          device: torch.device) -> tuple[RecurrentLM, RecurrentLM]:
     """(charlm, torch.nn) RecurrentLMs of identical shape computing the same function: the
     torch.nn one loads the charlm one's state dict (the cells use torch.nn's parameter names)."""
-    def lm(bodies: dict[str, Callable[..., nn.Module]]) -> RecurrentLM:
-        body = bodies[cell](hidden, hidden, num_layers=shape.num_layers, batch_first=True)
-        return RecurrentLM(body, shape.vocab_size, hidden, dropout=0.0)
-
-    torch.manual_seed(0)
-    ours, theirs = lm(CHARLM_BODIES), lm(NN_BODIES)
+    ours = build_charlm_lm(cell, shape, hidden, torch.device("cpu"))
+    body = NN_BODIES[cell](hidden, hidden, num_layers=shape.num_layers, batch_first=True)
+    theirs = RecurrentLM(body, shape.vocab_size, hidden, dropout=0.0)
     theirs.load_state_dict(ours.state_dict())
     # .to() after loading: torch.nn re-packs its weights for cuDNN when it moves.
     return ours.to(device), theirs.to(device)
@@ -383,31 +390,39 @@ def build_registry_model(cell: str, shape: BenchShape, hidden: int, device: torc
 
 
 def registry_groups(cell: str, shape: BenchShape, steps: int, device: torch.device,
-                    precision: str = "fp32") -> list[Group]:
-    """A registry cell without a torch.nn twin, per width: training (in `precision`) and
-    sampling against the charlm cell it simplifies (CLASSIC_OF), or alone. A min cell trains
-    twice: as bare residual layers (`ff_mult=0`, "-nomlp": what the scan buys against the
-    classic cell's loop) and as its preset builds it, with the MLPs."""
+                    precisions: Sequence[str] = ("fp32",)) -> list[Group]:
+    """A registry cell without a torch.nn twin, per width: training (in each of
+    `precisions`, interleaved in one group) and sampling (fp32) against the charlm cell it
+    simplifies (CLASSIC_OF), or alone. A min cell trains twice: as bare residual layers
+    (`ff_mult=0`, "-nomlp": what the scan buys against the classic cell's loop) and as its
+    preset builds it, with the MLPs."""
     x, y = _batch(shape, device)
     classic = CLASSIC_OF.get(cell)
     variants = [{"ff_mult": 0}, {}] if classic else [{}]
+    n = 1 if classic is None else 2
 
-    def pair(first: Contender, h: int, make: Callable[..., Contender]) -> list[Contender]:
+    def pair(first: Contender, h: int, make: Callable[..., Contender], tag: str = ""):
         if classic is None:
             return [first]
-        ours, _ = build_recurrent_pair(classic, shape, h, device)
-        return _with_reference([first, make(f"charlm-{classic}-{h}", ours, impl="charlm.cells",
-                                            cell=classic, hidden=h)])
+        return _with_reference([first, make(f"charlm-{classic}-{h}{tag}",
+                                            build_charlm_lm(classic, shape, h, device),
+                                            impl="charlm.cells", cell=classic, hidden=h)])
 
     def train(h: int, extra: dict) -> list[Contender]:
-        def make(name, model, **info):
-            return _train_contender(name, model, x, y, steps, shape.warmup_steps, device,
-                                    precision, **info)
+        group: list[Contender] = []
+        for precision in precisions:
+            def make(name, model, precision=precision, **info):
+                return _train_contender(name, model, x, y, steps, shape.warmup_steps, device,
+                                        precision, **info)
 
-        model = build_registry_model(cell, shape, h, device, **extra)
-        name = f"{cell}-{h}" + ("-nomlp" if extra else "")
-        return pair(make(name, model, impl="charlm.model", cell=cell, hidden=h, **extra), h,
-                    make)
+            tag = "" if precision == "fp32" else f"-{precision}"
+            model = build_registry_model(cell, shape, h, device, **extra)
+            name = f"{cell}-{h}" + ("-nomlp" if extra else "") + tag
+            group += pair(make(name, model, impl="charlm.model", cell=cell, hidden=h, **extra),
+                          h, make, tag)
+        for c in group[n::n]:  # the cell in bf16 against itself in fp32, when both ran
+            c.also_against.append(group[0])
+        return group
 
     def sample(h: int) -> list[Contender]:
         def make(name, model, **info):
@@ -417,12 +432,12 @@ def registry_groups(cell: str, shape: BenchShape, steps: int, device: torch.devi
         return pair(make(f"{cell}-{h}", model, impl="charlm.model", cell=cell, hidden=h), h,
                     make)
 
-    n = 1 if classic is None else 2
     groups = []
     for h in shape.hidden:
         for extra in variants:
             label = f"train {cell} h{h}" + (" (no MLP)" if extra else "")
-            groups.append(Group(label, n, lambda h=h, extra=extra: train(h, extra)))
+            groups.append(Group(label, n * len(precisions),
+                                lambda h=h, extra=extra: train(h, extra)))
         groups.append(Group(f"sample {cell} h{h}", n, lambda h=h: sample(h)))
     return groups
 
@@ -586,6 +601,7 @@ def run_bench(device: torch.device, cells: Sequence[str] | None = None,
     `variants` adds the bidirectional and packed-input layer groups (float32); `precision`
     (auto | fp32 | bf16) is `bench_precisions`'s."""
     precisions, train_precision = bench_precisions(precision, device)
+    registry_precisions = list(dict.fromkeys([*precisions, train_precision]))
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
     if steps < 1:
@@ -607,7 +623,7 @@ def run_bench(device: torch.device, cells: Sequence[str] | None = None,
             if variants:
                 groups += layer_variant_groups(cell, shape, steps, device, checks)
         else:
-            groups += registry_groups(cell, shape, steps, device, train_precision)
+            groups += registry_groups(cell, shape, steps, device, registry_precisions)
     contenders: list[Contender] = []
     failures: list[dict] = []
     bar = tqdm(total=repeats * sum(g.size for g in groups), unit="repeat", file=sys.stderr,
@@ -636,8 +652,8 @@ def run_bench(device: torch.device, cells: Sequence[str] | None = None,
         bar.close()
     checks["compiled_lstm_step"] = inductor.uses > kernel_uses
     used = {"requested": precision, "recurrent": "+".join(precisions),
-            "transformer": train_precision, "registry": train_precision, "sampling": "fp32",
-            "variants": "fp32", "bf16_native": bf16_native(device)}
+            "transformer": train_precision, "registry": "+".join(registry_precisions),
+            "sampling": "fp32", "variants": "fp32", "bf16_native": bf16_native(device)}
     return _result(contenders, failures, device, shape, repeats, steps, checks, used)
 
 

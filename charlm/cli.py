@@ -19,6 +19,7 @@ import typer
 
 from . import __version__
 from .cli_look import register as register_look_commands
+from .config import preset_names
 
 app = typer.Typer(
     add_completion=False,
@@ -30,7 +31,7 @@ app = typer.Typer(
 )
 
 ConfigOpt = Annotated[str | None, typer.Option(
-    "--config", "-c", help="Preset name (hello, rnn, lstm, gru, transformer) or a YAML file.",
+    "--config", "-c", help=f"Preset name ({', '.join(preset_names())}) or a YAML file.",
     show_default="none; required unless --resume")]
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override a config key, e.g. --set train.lr=1e-3 (repeatable).",
@@ -343,7 +344,7 @@ def bench(
     variants: Annotated[bool, typer.Option(
         "--variants/--no-variants",
         help="Also time bare layers with torch.nn's options: bidirectional (LSTM, GRU) and "
-             "packed input (lengths uniform in [seq_len/2, seq_len]).")] = True,
+             "packed input (lengths uniform in \\[seq_len/2, seq_len]).")] = True,
     precision: Annotated[str, typer.Option(
         "--precision", help="auto | fp32 | bf16: the precision charlm and torch.nn train in, "
         "always both in the same one. auto: fp32, and again under bf16 autocast (charlm bf16 "

@@ -264,3 +264,17 @@ def test_bench_times_both_precisions_in_one_group_and_records_them(monkeypatch):
     table = bench.format_table(result)
     assert "both fp32 (no autocast) and both bf16 (autocast)" in table
     assert "charlm bf16 / charlm fp32 (same group): charlm-lstm-32-bf16" in table
+
+
+def test_bench_times_a_min_cell_in_both_precisions_against_its_classic_cell(monkeypatch):
+    monkeypatch.setattr(bench, "bf16_native", lambda device: True)
+    result = bench.run_bench(CPU, ["mingru"], bench.quick_shape(), repeats=1, steps=1,
+                             progress=False, variants=False)
+    trains = {c["name"]: c["precision"] for c in result["contenders"] if c["task"] == "train"}
+    assert trains == {"mingru-32-nomlp": "fp32", "mingru-32": "fp32", "charlm-gru-32": "fp32",
+                      "mingru-32-nomlp-bf16": "bf16", "mingru-32-bf16": "bf16",
+                      "charlm-gru-32-bf16": "bf16"}
+    ratios = {(r["contender"], r["reference"]) for r in result["ratios"]}
+    assert {("mingru-32-nomlp", "charlm-gru-32"), ("mingru-32-nomlp-bf16", "charlm-gru-32-bf16"),
+            ("mingru-32-nomlp-bf16", "mingru-32-nomlp"), ("mingru-32-bf16", "mingru-32")} <= ratios
+    assert result["precision"]["registry"] == "fp32+bf16"

@@ -126,7 +126,7 @@ def train(
     if device:
         overrides.append(f"train.device={device}")
     if config is None and not resume:
-        _fail("--config is required (a preset: hello, rnn, lstm, gru, transformer; or a YAML "
+        _fail(f"--config is required (a preset: {', '.join(preset_names())}; or a YAML "
               "file), e.g. charlm train --config lstm", code=2)
     # the overrides apply before the file is checked, so --set can fix a bad value in it
     cfg = load_config(config, overrides) if config is not None else None

@@ -11,7 +11,7 @@
 #   2. a 40-step LSTM train on CUDA; sample and eval of that run with CUDA hidden; a resume
 #   3. transformer-gpu for 40 s with train.compile, its compile time reported apart
 #   4. charlm bench --json at the CUDA reference shapes (charlm vs cuDNN, one precision)
-#   5. the CUDA time-loop path against eager
+#   5. the CUDA time loop (each layer one CUDA graph) against the eager path
 # --dry-run runs every step that needs no GPU on the CPU, at tiny sizes, and reports the
 # others as skipped. --skip-tests leaves step 1 out (the test suite runs this in dry-run);
 # --steps runs only the steps listed (the others are reported as not selected).
@@ -92,7 +92,8 @@ elif ! $PY -c "import pytest" 2>/dev/null; then
 else
   # -rs lists what was skipped: on a GPU no test may say "needs CUDA"
   run 1-cuda-tests 120 $PY -m pytest -q -rs -o addopts="" -p no:cacheprovider \
-    tests/test_cells.py -k "cuda or torch_compile" tests/test_gpu_ready.py
+    tests/test_cells.py -k "cuda or torch_compile" tests/test_gpu_ready.py \
+    tests/test_cuda_graph.py
   if [ "$DRY" = 0 ] && grep -q "needs CUDA" "$OUT/1-cuda-tests.log"; then
     FAILED=1; say "FAIL  1-cuda-tests: a CUDA test was skipped on a CUDA machine"
   fi
@@ -157,8 +158,19 @@ for c in r["contenders"]:
 PYEOF
 fi
 
-# ---- 5. the CUDA time-loop path against eager
-skip "5-cuda-time-loop" "not in this version: the CUDA recurrence runs the eager path (see the README, Performance: GPU); step 4's charlm/nn ratios measure it"
+# ---- 5. the CUDA time loop (each layer a CUDA graph) against the eager CUDA path
+if ! selected 5; then
+  skip "5-cuda-time-loop" "not selected"
+else
+if [ "$DRY" = 1 ]; then
+  LOOP=(--device cpu --hidden 16 --batch 4 --seq 8 --steps 2 --repeats 1)
+else
+  LOOP=(--device cuda --hidden 512 --batch 64 --seq 256 --steps 10 --repeats 3)
+fi
+run 5-cuda-time-loop 90 bash -c '"$@" > "$0"' "$OUT/time-loop.json" \
+  $PY benchmarks/cuda_time_loop.py "${LOOP[@]}" --json
+grep -h "steps/s" "$OUT/5-cuda-time-loop.log" | sed 's/^/      /' | tee -a "$OUT/summary.txt"
+fi
 
 if [ "$FAILED" = 0 ]; then say "all steps that ran passed"; else say "SOME STEPS FAILED"; fi
 exit "$FAILED"

@@ -797,12 +797,12 @@ def format_table(result: dict) -> str:
         m = p["math"]
         pairs = " and ".join(f"both {q}" + (" (no autocast)" if q == "fp32" else " (autocast)")
                              for q in p["recurrent"].split("+"))
-        notes.append(f"precision: charlm vs torch.nn {pairs}; Transformer and min cells "
-                     f"{p['transformer']}, sampling and layer variants fp32; TF32 matmul "
+        registry = p.get("registry", p["transformer"]).replace("+", " and ")
+        notes.append(f"precision: charlm vs torch.nn {pairs}; Transformer {p['transformer']}, "
+                     f"min cells {registry}, sampling and layer variants fp32; TF32 matmul "
                      f"{m['matmul_allow_tf32']}, cuDNN TF32 {m['cudnn_allow_tf32']}")
         own = [f"{r['contender']} {r['ratio']:.2f}x" for r in result["ratios"]
-               if r["contender"].startswith("charlm-") and r["contender"].endswith("-bf16")
-               and r["reference"].startswith("charlm-")]
+               if r["contender"] == r["reference"] + "-bf16"]
         if own:
             notes.append(f"charlm bf16 / charlm fp32 (same group): {', '.join(own)}")
     if kv["speedup"] is not None and kv["target"] is None:

@@ -349,7 +349,7 @@ def bench(
         "--precision", help="auto | fp32 | bf16: the precision charlm and torch.nn train in, "
         "always both in the same one. auto: fp32, and again under bf16 autocast (charlm bf16 "
         "also against its own fp32) on a CPU with native bf16 units (AMX, AVX512-BF16); the "
-        "Transformer and min cells train as `charlm train` would.")] = "auto",
+        "Transformer trains as `charlm train` would, the min cells in both of these.")] = "auto",
 ) -> None:
     """Time charlm.cells against torch.nn, and the Transformer's KV cache against recomputing.
 

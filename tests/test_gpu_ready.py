@@ -289,17 +289,22 @@ SMOKE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_smoke.sh"
 
 
 def test_gpu_smoke_script_dry_run_on_the_cpu(tmp_path):
-    """The script parses, runs its CPU part (here the bench step, the quickest), and reports
-    what needs CUDA, or was not selected, as skipped; its exit code says whether all passed."""
+    """The script parses, runs its CPU part (here the bench and time-loop steps, the
+    quickest), and reports what needs CUDA, or was not selected, as skipped; its exit code
+    says whether all passed."""
     assert subprocess.run(["bash", "-n", str(SMOKE)]).returncode == 0
     out = tmp_path / "smoke"
-    done = subprocess.run(["bash", str(SMOKE), "--dry-run", "--skip-tests", "--steps", "4",
+    done = subprocess.run(["bash", str(SMOKE), "--dry-run", "--skip-tests", "--steps", "4,5",
                            "--out", str(out)], capture_output=True, text=True, timeout=120)
     summary = (out / "summary.txt").read_text()
     assert done.returncode == 0, done.stdout + done.stderr
     assert "PASS  4-bench" in summary and "precision: recurrent fp32" in summary
     assert "SKIP  1-cuda-tests" in summary and "SKIP  2-lstm (not selected)" in summary
-    assert "SKIP  5-cuda-time-loop" in summary and "all steps that ran passed" in summary
+    assert "PASS  5-cuda-time-loop" in summary and "graphs NOT used" in summary  # no CUDA
+    assert "all steps that ran passed" in summary
     assert json.loads((out / "bench.json").read_text())["schema"] == bench.SCHEMA
+    loop = json.loads((out / "time-loop.json").read_text())["rows"]
+    assert [r["cell"] for r in loop] == ["rnn", "lstm", "gru"]
+    assert all(r["parity_max_rel_diff"] < 1e-6 for r in loop)
     bad = subprocess.run(["bash", str(SMOKE), "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr

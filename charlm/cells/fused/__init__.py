@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import inductor
+from . import cuda_graph, inductor
 from .bptt import GRURecurrence, LSTMRecurrence, RNNRecurrence
 from .gemm import project
 from .precision import float32_region, gemm_dtype, recurrence_region
@@ -26,7 +26,8 @@ from .sampling import Sampler
 from .scan import Rows, gru_scan, lengths, lstm_scan, rnn_scan
 from .workspace import WORKSPACE
 
-__all__ = ["WORKSPACE", "Sampler", "float32_region", "gru", "inductor", "lstm", "rnn"]
+__all__ = ["WORKSPACE", "Sampler", "cuda_graph", "float32_region", "gru", "inductor", "lstm",
+           "rnn"]
 
 
 def _gemm_copy(w: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -58,6 +59,10 @@ def _last(hs: Tensor, rows: Rows) -> Tensor:
 
 def rnn(x, h0, w_ih, w_hh, b_ih, b_hh, relu: bool, grad: bool, rows: Rows = None):
     """One Elman RNN layer: x (T, B, I), h0 (B, H) -> (hs (T, B, H), [h_last (B, H)])."""
+    if cuda_graph.wanted(x, grad, rows):  # CUDA training: the whole layer as one graph
+        found = cuda_graph.run(rnn, (x, h0, w_ih, w_hh, b_ih, b_hh), (relu,))
+        if found is not None:
+            return found
     # Both biases are plain additive terms here: fold them into the projection.
     xg, x_bias = _project(x, w_ih, None if b_ih is None else b_ih + b_hh)  # (T, B, H)
     ctx, low, xg, (h0, w_hh, x_bias) = recurrence_region(xg, h0, w_hh, x_bias)
@@ -79,6 +84,10 @@ def lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, grad: bool, rows: Rows = None)
     through step 0's input projection, and every h_t comes out of one GEMM after the loop
     (under autocast a GEMM like any other, so bf16 under bf16 autocast).
     """
+    if cuda_graph.wanted(x, grad, rows):  # CUDA training: the whole layer as one graph
+        found = cuda_graph.run(lstm, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+        if found is not None:
+            return found
     xg, x_bias = _project(x, w_ih, None if b_ih is None else b_ih + b_hh)  # (T, B, 4H)
     ctx, low, xg, (h0, c0, w_rec, w_hr32, x_bias) = recurrence_region(
         xg, h0, c0, w_hh, w_hr, x_bias
@@ -100,6 +109,10 @@ def lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, grad: bool, rows: Rows = None)
 
 def gru(x, h0, w_ih, w_hh, b_ih, b_hh, grad: bool, rows: Rows = None):
     """One GRU layer: x (T, B, I), h0 (B, H) -> (hs (T, B, H), [h_last (B, H)])."""
+    if cuda_graph.wanted(x, grad, rows):  # CUDA training: the whole layer as one graph
+        found = cuda_graph.run(gru, (x, h0, w_ih, w_hh, b_ih, b_hh))
+        if found is not None:
+            return found
     xg, x_bias = _project(x, w_ih, b_ih)  # (T, B, 3H); b_hh goes to the recurrence
     ctx, low, xg, (h0, w_hh, b_hh, x_bias) = recurrence_region(xg, h0, w_hh, b_hh, x_bias)
     with ctx:

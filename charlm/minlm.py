@@ -28,14 +28,9 @@ equation, O(1) per character.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .cells import MinGRU, equations
-
-
-def _norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
 class MinBlock(nn.Module):
@@ -88,20 +83,14 @@ class MinLM(nn.Module):
 
     def _step(self, idx: torch.Tensor, state: torch.Tensor | None):
         """`forward` for one character in eval mode without autograd (sampling): the same
-        blocks on (B, C) rows, through functional calls (a module call's overhead is as much
-        as its arithmetic here), each cell by its lean :meth:`step_inference`."""
-        x = F.embedding(idx[:, 0], self.embed.weight)
+        blocks on (B, C) rows, each cell by its lean :meth:`step_inference`."""
+        x = self.embed(idx[:, 0])
         finals = []
         for i, block in enumerate(self.blocks):
-            h = block.cell.step_inference(_norm(block.ln1, x), None if state is None else state[i])
+            h = block.cell.step_inference(block.ln1(x), None if state is None else state[i])
             finals.append(h)
-            x = x + h
-            if block.mlp is not None:
-                up, down = block.mlp[0], block.mlp[2]
-                x = x + F.linear(F.gelu(F.linear(_norm(block.ln2, x), up.weight, up.bias)),
-                                 down.weight, down.bias)
-        return F.linear(_norm(self.ln_f, x), self.head.weight, self.head.bias)[:, None], \
-            torch.stack(finals)
+            x = block._mlp(x + h)  # dropout is the identity in eval mode
+        return self.head(self.ln_f(x))[:, None], torch.stack(finals)
 
     @property
     def token_embedding(self) -> nn.Embedding:

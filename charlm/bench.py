@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from . import __version__
 from . import cells as charlm_cells
-from .cells.fused import inductor
+from .cells.fused import gemm, inductor
 from .config import Config, ModelConfig, TrainConfig
 from .device import autocast, bf16_native, configure_math, math_settings, resolve_precision
 from .model import REGISTRY, RecurrentLM, build_model, detach_state
@@ -736,7 +736,10 @@ def _result(contenders: list[Contender], failures: list[dict], device: torch.dev
                    "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
                    "autocast": "bf16" if "bf16" in precision["recurrent"].split("+")
                    or precision["transformer"] == "bf16" else None,
-                   "cpu": cpu_features()},
+                   "cpu": cpu_features(),
+                   # charlm's GEMM backend per product shape, raced on this machine
+                   # (charlm.cells.fused.gemm)
+                   "gemm_backends": gemm.choices()},
         # One precision per comparison: each recurrent pair (charlm vs torch.nn) in one of
         # fp32 / bf16 autocast, the others as `charlm train` runs them (PRECISION_CHOICES);
         # and the TF32 switches in force for all.

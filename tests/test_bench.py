@@ -179,3 +179,12 @@ def test_the_json_names_the_cpu_and_its_matrix_units(quick_result):
         flags = Path("/proc/cpuinfo").read_text().split()
         assert cpu["flags"]["avx512f"] == ("avx512f" in flags)
         assert cpu["flags"]["amx_bf16"] == ("amx_bf16" in flags)
+
+
+def test_the_json_names_the_gemm_backend_each_shape_raced_to(quick_result):
+    from charlm.cells.fused import gemm, onednn
+
+    backends = quick_result["device"]["gemm_backends"]
+    assert set(backends.values()) <= {"onednn", "torch"}
+    if gemm.BACKEND == "auto" and onednn.linear_op() is not None:
+        assert any(key.startswith("mm_nt torch.float32") for key in backends)

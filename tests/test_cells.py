@@ -140,12 +140,14 @@ def test_layer_unbatched_matches_torch(kind, fused, with_hx):
     assert_same(ref, mine, x, hx)
 
 
-@pytest.mark.parametrize("use_onednn", [True, False])
+@pytest.mark.parametrize("backend", ["onednn", "torch", "auto"])
 @pytest.mark.parametrize("batch", [1, 9])
 @pytest.mark.parametrize("kind", KINDS)
-def test_layer_gemm_backends_match_torch(kind, batch, use_onednn, monkeypatch):
-    """Batches of 8+ rows take the oneDNN GEMM where available; smaller ones addmm."""
-    monkeypatch.setattr(gemm, "USE_ONEDNN", use_onednn)
+def test_layer_gemm_backends_match_torch(kind, batch, backend, monkeypatch):
+    """Batches of 8+ rows may take the oneDNN GEMM (forced, or where it wins the race);
+    smaller ones addmm."""
+    monkeypatch.setattr(gemm, "BACKEND", backend)
+    monkeypatch.setattr(gemm, "_onednn_won", {})
     torch.manual_seed(0)
     ref, mine = make_layers(kind, True, num_layers=2, batch_first=True)
     g = torch.Generator().manual_seed(3)
@@ -682,3 +684,28 @@ def test_torch_compile_leaves_the_layers_out():
     torch.testing.assert_close(got, want)
     assert graphs, "nothing was compiled"
     assert not any("mkldnn" in g or "Recurrence" in g for g in graphs)
+
+
+def test_gemm_backend_race_picks_the_faster_and_remembers(monkeypatch):
+    """The first product of a shape races both backends and the faster one stays chosen;
+    a later call with the same key does not race again."""
+    monkeypatch.setattr(gemm, "BACKEND", "auto")
+    monkeypatch.setattr(gemm, "_onednn_won", {})
+    import time
+
+    def slow() -> None:
+        time.sleep(2e-4)
+
+    calls = []
+
+    def race():
+        calls.append(1)
+        return slow, lambda: None  # oneDNN's "product" is the slow one here
+
+    assert gemm._use_onednn(("k",), race) is False
+    assert gemm._use_onednn(("k",), race) is False
+    assert calls == [1]
+    assert gemm._use_onednn(("j",), lambda: (lambda: None, slow)) is True
+    assert gemm.choices() == {"k": "torch", "j": "onednn"}
+    monkeypatch.setattr(gemm, "BACKEND", "onednn")
+    assert gemm._use_onednn(("k",), race) is True  # forced: no race, no memory consulted

@@ -1,16 +1,23 @@
-"""Matrix products of the fused time loops, on the fastest backend this machine has.
+"""Matrix products of the fused time loops, on whichever backend is faster on this machine.
 
-On x86 CPUs torch.nn's LSTM runs on oneDNN, whose fp32 GEMM is faster than the MKL one behind
-``torch.mm``/``addmm`` for these shapes (figures per machine in docs/performance.md), so the
-fused path uses the same GEMM (:mod:`.onednn`) for float32 and bf16 CPU tensors with enough
-rows to pay for its fixed cost; everything else (CUDA, float64, tiny batches, builds without
-the op) takes ``torch.addmm``. ``USE_ONEDNN = False`` turns it off. Every function here
-computes a plain ``x @ w.T (+ b)``, in its operands' dtype (bf16 GEMMs accumulate in float32
-inside the kernel: see :mod:`.precision`); the layer tests hold the results to torch.nn.
+Two CPU backends compute the same ``x @ w.T (+ b)``: torch's own (``torch.mm``/``addmm``,
+MKL on x86 builds) and oneDNN's linear op (:mod:`.onednn`, the library behind torch.nn's CPU
+LSTM). Which is faster depends on the CPU and the shape: oneDNN's fp32 GEMM is up to 2x
+faster on one AMD EPYC, MKL's up to 1.9x on one Intel Xeon (figures per machine in
+docs/performance.md). So nothing here is tuned to a CPU: the first product of each kind and
+shape (per dtype, operand layout and thread count) is run on both, interleaved, best of a
+few calls (:func:`_race`, a few milliseconds once per shape and process), and that shape
+keeps the winner. ``BACKEND`` (env ``CHARLM_GEMM``: ``auto``, ``onednn`` or ``torch``)
+forces one for reproducibility or debugging. CUDA, float64, tiny batches and builds without
+the oneDNN op always take torch's. Every function here computes a plain ``x @ w.T (+ b)``,
+in its operands' dtype (bf16 GEMMs accumulate in float32 inside the kernel: see
+:mod:`.precision`); the layer tests hold the results to torch.nn on each backend.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 
 import torch
@@ -20,21 +27,78 @@ from torch.autograd.function import once_differentiable
 from . import onednn
 from .workspace import empty
 
-__all__ = ["USE_ONEDNN", "dw_hh", "mm_nt", "project", "step_gemm_fns"]
+__all__ = ["BACKEND", "choices", "dw_hh", "mm_nt", "project", "step_gemm_fns"]
 
-USE_ONEDNN = True
-ONEDNN_MIN_ROWS = 8  # below this many rows addmm's lower fixed cost wins
+BACKEND = os.environ.get("CHARLM_GEMM", "auto").strip().lower()  # auto | onednn | torch
+ONEDNN_MIN_ROWS = 8  # below this many rows oneDNN is not even tried (its fixed cost)
+
+# Per product kind and shape: whether oneDNN won the race (see _race). Read by `charlm bench
+# --json` through choices().
+_onednn_won: dict[tuple, bool] = {}
 
 
-def use_onednn(t: Tensor, rows: int) -> bool:
-    """Whether products with ``t``'s dtype and ``rows`` rows run on oneDNN."""
+def onednn_possible(t: Tensor, rows: int) -> bool:
+    """Whether products with ``t``'s dtype and ``rows`` rows may run on oneDNN."""
     return (
-        USE_ONEDNN
+        BACKEND != "torch"
         and rows >= ONEDNN_MIN_ROWS
         and t.dtype in (torch.float32, torch.bfloat16)
         and t.device.type == "cpu"
         and onednn.linear_op(t.dtype) is not None
     )
+
+
+Race = Callable[[], tuple[Callable[[], object], Callable[[], object]]]
+
+
+def _use_onednn(key: tuple, race: Race) -> bool:
+    """Whether the product ``key`` names runs on oneDNN: forced by ``BACKEND``, else the
+    winner of :func:`_race` between the two calls ``race()`` makes (oneDNN's, torch's), run
+    the first time ``key`` is seen and remembered."""
+    if BACKEND == "onednn":
+        return True
+    found = _onednn_won.get(key)
+    if found is None:
+        with torch.no_grad():
+            found = _onednn_won[key] = _race(*race())
+    return found
+
+
+def _race(a: Callable[[], object], b: Callable[[], object]) -> bool:
+    """True when ``a`` is faster than ``b``: after one warm-up call each, the best of a few
+    interleaved timings, each of enough calls to last ~0.2 ms (so that a per-step product
+    of tens of microseconds is timed above the clock's noise). Interleaving and the best
+    time keep a drifting or briefly busy machine from favouring either."""
+    t0 = time.perf_counter()
+    a()
+    t1 = time.perf_counter()
+    b()
+    once = max(min(t1 - t0, time.perf_counter() - t1), 1e-7)
+    calls = max(1, min(50, int(2e-4 / once)))
+    rounds = 3 if once > 1e-3 else 5
+    best_a = best_b = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            a()
+        t1 = time.perf_counter()
+        for _ in range(calls):
+            b()
+        t2 = time.perf_counter()
+        best_a, best_b = min(best_a, t1 - t0), min(best_b, t2 - t1)
+    return best_a < best_b
+
+
+def choices() -> dict[str, str]:
+    """The backend each product shape raced so far runs on, for reports: {key: backend}."""
+    return {
+        " ".join(map(str, key)): "onednn" if won else "torch"
+        for key, won in _onednn_won.items()
+    }
+
+
+def _layout(t: Tensor) -> str:
+    return "n" if t.is_contiguous() else "t"
 
 
 def _dense(t: Tensor) -> Tensor:
@@ -45,17 +109,25 @@ def _dense(t: Tensor) -> Tensor:
 
 def mm_nt(x: Tensor, w: Tensor, bias: Tensor | None = None, other: Tensor | None = None) -> Tensor:
     """``x @ w.T (+ bias) (+ other)`` for large operands."""
-    if use_onednn(x, x.shape[0]):
+    w = _dense(w)
+    if onednn_possible(x, x.shape[0]):
         lin = onednn.linear_op(x.dtype)
         assert lin is not None
-        if not x.is_contiguous():
-            # oneDNN takes its input row-major and would otherwise copy it into fresh memory
-            # itself; a recycled buffer saves the page faults.
-            x = empty(tuple(x.shape), x).copy_(x)
-        out = lin(x, _dense(w), bias)
-        # oneDNN's fused "+ other" (binary post-op) measured slower than a separate add_.
-        return out if other is None else out.add_(other)
-    w = _dense(w)
+        key = ("mm_nt", x.dtype, *x.shape, w.shape[0], _layout(x), _layout(w),
+               torch.get_num_threads())
+
+        def on_onednn() -> Tensor:
+            x_in = x
+            if not x.is_contiguous():
+                # oneDNN takes its input row-major and would otherwise copy it into fresh
+                # memory itself; a recycled buffer saves the page faults.
+                x_in = empty(tuple(x.shape), x).copy_(x)
+            return lin(x_in, w, bias)
+
+        if _use_onednn(key, lambda: (on_onednn, lambda: torch.mm(x, w.t()))):
+            out = on_onednn()
+            # oneDNN's fused "+ other" (binary post-op) measured slower than a separate add_.
+            return out if other is None else out.add_(other)
     if other is not None:
         return torch.addmm(other, x, w.t()) if bias is None else torch.addmm(other + bias, x, w.t())
     return torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
@@ -69,14 +141,31 @@ def step_gemm_fns(
 
     ``x`` comes in ``w``'s dtype, ``b`` and ``other`` in the loop's own (``like``'s). Where
     the two differ (bf16 GEMMs in a float32 loop, :mod:`.precision`) ``lin(x, None)`` is the
-    bf16 product and the sums with ``b`` and ``other`` are float32. Where oneDNN runs them,
-    ``w`` is reordered once per sequence into oneDNN's blocked layout: the plain call would
-    re-lay the weight out at every step.
+    bf16 product and the sums with ``b`` and ``other`` are float32. The weight is laid out
+    once per sequence for the backend that runs the products: oneDNN's blocked layout (the
+    plain call would re-lay the weight out at every step), or row-major (K, N) for torch's
+    (faster than the transposed view); which backend is decided by :func:`_race` per shape.
     """
     w = _dense(w)
-    lin = onednn.linear_op(w.dtype) if use_onednn(w, rows) else None
-    if lin is not None and onednn.packing_works(w.dtype):
-        w = onednn.reorder(w, rows)
+    lin = onednn.linear_op(w.dtype) if onednn_possible(w, rows) else None
+    if lin is not None:
+        op = lin
+
+        def laid_out(for_onednn: bool) -> Tensor:
+            if not for_onednn:
+                return w.t().contiguous()
+            return onednn.reorder(w, rows) if onednn.packing_works(w.dtype) else w
+
+        def race():
+            w_onednn, w_kn = laid_out(True), laid_out(False)
+            x = w.new_full((rows, w.shape[1]), 0.5)  # any values do (and no RNG draws)
+            return lambda: op(x, w_onednn, None), lambda: torch.mm(x, w_kn)
+
+        key = ("step", w.dtype, rows, w.shape[1], w.shape[0], torch.get_num_threads())
+        if _use_onednn(key, race):
+            w = laid_out(True)
+        else:
+            lin, w = None, laid_out(False).t()  # torch.mm(x, w.t()) reads the row-major copy
     if w.dtype != like.dtype:
 
         def product(x: Tensor) -> Tensor:
@@ -95,9 +184,9 @@ def step_gemm_fns(
 
 
 class _Projection(torch.autograd.Function):
-    """``x @ W.T + b`` on oneDNN, with its (two GEMMs and a sum) backward: the input
-    projection of every time step at once. Used only where :func:`use_onednn` holds;
-    elsewhere the projection is a plain autograd ``addmm``."""
+    """``x @ W.T + b`` through :func:`mm_nt` (either backend), with its (two GEMMs and a
+    sum) backward: the input projection of every time step at once. Used only where
+    :func:`onednn_possible` holds; elsewhere the projection is a plain autograd ``addmm``."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -123,7 +212,7 @@ def project(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
         # The cast autocast would make, and the copy a batch_first input needs, in one pass.
         x = x.to(torch.bfloat16, memory_format=torch.contiguous_format)
     x2 = x.reshape(T * B, n_in)
-    if use_onednn(x2, T * B) and not torch.is_autocast_enabled("cpu"):
+    if onednn_possible(x2, T * B) and not torch.is_autocast_enabled("cpu"):
         xg = _Projection.apply(x2, w_ih, bias)
     elif bias is None:
         xg = torch.mm(x2, w_ih.t())

@@ -1,5 +1,5 @@
-"""Tests for charlm.cells.fused.inductor: the compiled LSTM step kernels and the layer path
-that uses them.
+"""Tests for charlm.cells.fused.inductor: the compiled RNN, LSTM and GRU step kernels and
+the layer paths that use them.
 
 The kernels are compiled for real (Inductor, once per shape; a few seconds the first time,
 then from Inductor's disk cache), so the shapes here are few and tiny; ``MIN_NUMEL`` is
@@ -18,7 +18,7 @@ import pytest
 import torch
 from test_cells import assert_same, initial_state, make_layers
 
-from charlm.cells.fused import bptt, inductor, lstm_step
+from charlm.cells.fused import bptt, gru_step, inductor, lstm_step, rnn_step
 
 N_IN, N_H, T = 5, 7, 6  # as in test_cells
 
@@ -33,6 +33,8 @@ def compiled(monkeypatch):
     """Let tiny steps qualify for compiled kernels, and report the kernels used."""
     monkeypatch.setattr(inductor, "ENABLED", True)
     monkeypatch.setattr(inductor, "MIN_NUMEL", 0)
+    # This file compiles more shapes than one real model would: no cap on their number.
+    monkeypatch.setattr(inductor, "_MAX_KERNELS", 10**6)
     used: list[object] = []
     real = inductor.kernel
 
@@ -254,3 +256,185 @@ def test_old_torch_says_which_version_it_needs(monkeypatch):
     args = _random_args(lstm_step.lstm_forward, 2, 3, torch.float32)
     with pytest.warns(RuntimeWarning, match=r"needs torch >= 2\.8"):
         assert inductor.kernel(lstm_step.lstm_forward, *args) is None
+
+
+
+# ------------------------------------------------------------------ RNN and GRU kernels
+
+# Per step function: the (rows, width in H) of each argument, and how many are outputs.
+_SHAPES = {
+    rnn_step.rnn_forward: ([1, 1, 1], 1),
+    rnn_step.rnn_forward_relu: ([1, 1, 1], 1),
+    rnn_step.rnn_backward: ([1, 1, 1, 1], 1),
+    rnn_step.rnn_backward_relu: ([1, 1, 1, 1], 1),
+    gru_step.gru_forward: ([3, 3, 1, 1, 1, 1, 1, 1], 5),
+    gru_step.gru_backward: ([1, 1, 1, 1, 2, 1, 1] + [1] * 7, 7),
+}
+_LAYER_KERNELS = {  # kind -> (fp32 kernels, bf16 kernels) its training step uses
+    "rnn_tanh": ({rnn_step.rnn_forward, rnn_step.rnn_backward},
+                 {rnn_step.rnn_forward_mm, rnn_step.rnn_backward}),
+    "rnn_relu": ({rnn_step.rnn_forward_relu, rnn_step.rnn_backward_relu},
+                 {rnn_step.rnn_forward_relu_mm, rnn_step.rnn_backward_relu}),
+    "gru": ({gru_step.gru_forward, gru_step.gru_backward},
+            {gru_step.gru_forward_mm, gru_step.gru_backward}),
+}
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fn", list(_SHAPES), ids=lambda f: f.__name__)
+def test_compiled_rnn_gru_kernels_match_eager_reference(fn, dtype, compiled):
+    widths, n_out = _SHAPES[fn]
+    g = torch.Generator().manual_seed(0)
+    B, H = 3, 5
+    args = [torch.randn((B, w * H), generator=g, dtype=dtype) for w in widths]
+    k = inductor.kernel(fn, *args, state=args[-1])
+    assert k is not None, "Inductor did not compile the kernel"
+    want = [a.clone() for a in args]
+    fn(*want)
+    got = [a.clone() for a in args]
+    k(*got)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    for a, b in zip(got[-n_out:], want[-n_out:], strict=True):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    for a, b in zip(got[:-n_out], args[:-n_out], strict=True):
+        assert torch.equal(a, b)  # inputs untouched
+
+
+@needs_compiler
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kind", list(_LAYER_KERNELS))
+def test_compiled_rnn_gru_layers_match_torch(kind, batch_first, compiled):
+    torch.manual_seed(0)
+    ref, mine = make_layers(kind, True, num_layers=2, batch_first=batch_first)
+    g = torch.Generator().manual_seed(3)
+    B = 4
+    x = torch.randn((B, T, N_IN) if batch_first else (T, B, N_IN), generator=g)
+    assert_same(ref, mine, x, initial_state(kind, (2, B, N_H), g))
+    assert_same(ref, mine, x, None)
+    kinds = {fn for fn, k in compiled if k is not None}
+    assert kinds == _LAYER_KERNELS[kind][0], "compiled path not taken"
+
+
+@needs_compiler
+@pytest.mark.parametrize("kind", list(_LAYER_KERNELS))
+def test_compiled_rnn_gru_under_bf16_autocast_match_the_eager_loop(kind, compiled, monkeypatch):
+    """The bf16 kernels (bf16 projection and GEMM output in, biases added in float32, float32
+    states, bf16 GEMM operands out) compute what the eager bf16 loop computes, up to bf16
+    rounding."""
+    torch.manual_seed(0)
+    _, mine = make_layers(kind, True, num_layers=2, batch_first=True)
+    x = torch.randn(4, T, N_IN, generator=torch.Generator().manual_seed(5))
+
+    def run() -> list[torch.Tensor]:
+        mine.zero_grad()
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, h = mine(xx)
+        (out.square().sum() + h.sum()).backward()
+        return [out, h, xx.grad, *(p.grad for p in mine.parameters())]
+
+    got = run()
+    kinds = {fn for fn, k in compiled if k is not None}
+    assert kinds == _LAYER_KERNELS[kind][1], "bf16 kernels not used"
+    monkeypatch.setattr(inductor, "ENABLED", False)
+    want = run()
+    assert all(t.dtype == torch.float32 for t in got)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=2e-3)
+
+
+@needs_compiler
+@pytest.mark.parametrize("kind", list(_LAYER_KERNELS))
+def test_gradcheck_compiled_rnn_gru_functions(kind, compiled):
+    g = torch.Generator().manual_seed(0)
+
+    def f64(*shape):
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+
+    Tn, B, Hn = 4, 2, 3
+    if kind == "gru":
+        args = (f64(Tn, B, 3 * Hn), f64(B, Hn), f64(3 * Hn, Hn), f64(3 * Hn))
+        fn = bptt.GRURecurrence.apply
+    else:
+        relu = kind == "rnn_relu"
+        args = (f64(Tn, B, Hn), f64(B, Hn), f64(Hn, Hn))
+
+        def fn(*a):
+            return bptt.RNNRecurrence.apply(*a, relu)
+
+    assert torch.autograd.gradcheck(fn, args)
+    assert {fn for fn, k in compiled if k is not None} == _LAYER_KERNELS[kind][0]
+
+
+@needs_compiler
+@pytest.mark.parametrize("kind", list(_LAYER_KERNELS))
+def test_compiled_rnn_gru_eval_matches_torch(kind, compiled):
+    torch.manual_seed(0)
+    ref, mine = make_layers(kind, True, num_layers=2)
+    x = torch.randn(T, 3, N_IN)
+    with torch.no_grad():
+        (o_r, h_r), (o_m, h_m) = ref(x), mine(x)
+    torch.testing.assert_close(o_m, o_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h_m, h_r, atol=1e-5, rtol=1e-5)
+    forward = next(iter(f for f in _LAYER_KERNELS[kind][0] if "forward" in f.__name__))
+    assert any(k is not None for fn, k in compiled if fn is forward)
+
+
+def test_reference_functions_are_the_gru_equations():
+    """The eager GRU step functions compute torch.nn.GRUCell's step and its gradient."""
+    torch.manual_seed(0)
+    B, H = 3, 4
+    f64 = torch.float64
+    cell = torch.nn.GRUCell(H, H, dtype=f64)
+    x, h = torch.randn(B, H, dtype=f64), torch.randn(B, H, dtype=f64)
+    h.requires_grad_()
+    xg = (x @ cell.weight_ih.T + cell.bias_ih).detach()
+    gemm = (h @ cell.weight_hh.T + cell.bias_hh).detach().requires_grad_()
+    rz, n, hgn, h_new = (torch.empty(B, k * H, dtype=f64) for k in (2, 1, 1, 1))
+    with torch.no_grad():
+        gru_step.gru_forward(gemm, xg, h.detach(), *rz.split(H, 1), n, hgn, h_new)
+    torch.testing.assert_close(h_new, cell(x, h).detach())
+    # Backward: against autograd through the step for a random upstream dh.
+    xg.requires_grad_()
+    r = torch.sigmoid(xg[:, :H] + gemm[:, :H])
+    z = torch.sigmoid(xg[:, H : 2 * H] + gemm[:, H : 2 * H])
+    n_ = torch.tanh(xg[:, 2 * H :] + r * gemm[:, 2 * H :])
+    h2 = n_ + z * (h - n_)
+    dh = torch.randn(B, H, dtype=f64)
+    d_x, d_gemm, d_h = torch.autograd.grad((h2 * dh).sum(), (xg, gemm, h))
+    d_rec, d_xg = torch.empty(B, 3 * H, dtype=f64), torch.empty(B, 3 * H, dtype=f64)
+    dh_direct_prev = torch.empty(B, H, dtype=f64)
+    third = dh / 3  # dh arrives in three parts: GEMM, direct path, output
+    gru_step.gru_backward(
+        third, third, dh - 2 * third, h.detach(), rz, n, hgn, *d_rec.split(H, 1),
+        *d_xg.split(H, 1), dh_direct_prev,
+    )  # fmt: skip
+    torch.testing.assert_close(d_xg, d_x)
+    torch.testing.assert_close(d_rec, d_gemm)  # [dr, dz, d(hg_n)] = dL/d(gemm)
+    # gemm is a leaf here: dL/dh_prev through h' = ... + z h alone, the GEMM's part being
+    # d(gemm) W_hh
+    torch.testing.assert_close(dh_direct_prev, d_h)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_reference_functions_are_the_rnn_equations(relu):
+    """The eager RNN step functions compute torch.nn.RNNCell's step and its gradient."""
+    torch.manual_seed(0)
+    B, H = 3, 4
+    f64 = torch.float64
+    cell = torch.nn.RNNCell(H, H, nonlinearity="relu" if relu else "tanh", dtype=f64)
+    x, h = torch.randn(B, H, dtype=f64), torch.randn(B, H, dtype=f64)
+    xg = (x @ cell.weight_ih.T + cell.bias_ih + cell.bias_hh).detach()
+    gemm = (h @ cell.weight_hh.T).detach()
+    forward, _, backward = rnn_step.step_functions(relu)
+    h_new = torch.empty(B, H, dtype=f64)
+    forward(gemm, xg, h_new)
+    torch.testing.assert_close(h_new, cell(x, h).detach())
+    pre = (xg + gemm).requires_grad_()
+    act = torch.relu(pre) if relu else torch.tanh(pre)
+    dh = torch.randn(B, H, dtype=f64)
+    (want,) = torch.autograd.grad((act * dh).sum(), pre)
+    dpre = torch.empty(B, H, dtype=f64)
+    backward(dh / 2, dh / 2, h_new, dpre)
+    torch.testing.assert_close(dpre, want)

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import inductor, scan
+from . import inductor, rnn_step, scan
 from .gemm import dw_hh, step_gemm_fns
+from .gru_step import gru_backward
 from .lstm_step import lstm_backward
 from .workspace import empty
 
@@ -93,33 +94,63 @@ class RNNRecurrence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dhs: Tensor):
         h0, w_hh, hs, hs_mm = ctx.saved_tensors
-        rows = ctx.rows
-        T, B, _ = hs.shape
-        # The activation's derivative, for all steps at once: tanh' = 1 - h^2, relu' = [h > 0]
-        # (h = relu(pre) > 0 exactly where pre > 0).
-        dpre = empty(tuple(hs.shape), hs)  # (T, B, H), becomes dL/dpre in place below
-        if ctx.relu:
-            torch.gt(hs, 0, out=dpre)
-        else:
-            torch.mul(hs, hs, out=dpre).neg_().add_(1)
-        scan.zero_finished(dpre, rows)
-        dpre_l = scan.per_step(dpre, rows)
-        dpre_mm = scan.GemmCopy(dpre, rows, w_hh)
-        dhs_l = scan.per_step(_dense_rows(dhs), rows)
-        _, lin_add = step_gemm_fns(w_hh.t(), B, hs)  # lin_add(x, o) = o + x @ W_hh
-        dh = dhs_l[T - 1]  # total dL/dh_t of the live rows
-        for t in range(T - 1, 0, -1):
-            dpre_l[t].mul_(dh)
-            b = dpre_l[t].shape[0]
-            dh = lin_add(dpre_mm.take(t), dhs_l[t - 1][:b])  # dL/dh_{t-1}
-            dh = _grow(dh, rows, t, dhs_l[t - 1][b:])
-        dpre_l[0].mul_(dh)
-        dpre_mm.take(0)
+        dhs = _dense_rows(dhs)
+        found = None if ctx.rows is not None else _rnn_backward_compiled(w_hh, dhs, hs, ctx.relu)
+        dpre, dpre_mm = found if found is not None else _rnn_backward_eager(ctx, w_hh, dhs, hs)
         need = ctx.needs_input_grad
-        dh0 = torch.mm(dpre_mm.full[0], w_hh).to(h0.dtype) if need[1] else None
-        dw = dw_hh(dpre_mm.full, h0.to(w_hh.dtype), hs_mm) if need[2] else None
+        dh0 = torch.mm(dpre_mm[0], w_hh).to(h0.dtype) if need[1] else None
+        dw = dw_hh(dpre_mm, h0.to(w_hh.dtype), hs_mm) if need[2] else None
         db = _bias_grad(dpre, ctx.bias_dtype, need)
-        return _in_dtype(dpre, dpre_mm.full, ctx.xg_dtype), dh0, dw, None, None, db
+        return _in_dtype(dpre, dpre_mm, ctx.xg_dtype), dh0, dw, None, None, db
+
+
+def _rnn_backward_eager(ctx, w_hh: Tensor, dhs: Tensor, hs: Tensor) -> tuple[Tensor, Tensor]:
+    """(dL/dpre (T, B, H), the same in W_hh's dtype), one matmul and two ops per step."""
+    rows = ctx.rows
+    T, B, _ = hs.shape
+    # The activation's derivative, for all steps at once: tanh' = 1 - h^2, relu' = [h > 0]
+    # (h = relu(pre) > 0 exactly where pre > 0).
+    dpre = empty(tuple(hs.shape), hs)  # (T, B, H), becomes dL/dpre in place below
+    if ctx.relu:
+        torch.gt(hs, 0, out=dpre)
+    else:
+        torch.mul(hs, hs, out=dpre).neg_().add_(1)
+    scan.zero_finished(dpre, rows)
+    dpre_l = scan.per_step(dpre, rows)
+    dpre_mm = scan.GemmCopy(dpre, rows, w_hh)
+    dhs_l = scan.per_step(dhs, rows)
+    _, lin_add = step_gemm_fns(w_hh.t(), B, hs)  # lin_add(x, o) = o + x @ W_hh
+    dh = dhs_l[T - 1]  # total dL/dh_t of the live rows
+    for t in range(T - 1, 0, -1):
+        dpre_l[t].mul_(dh)
+        b = dpre_l[t].shape[0]
+        dh = lin_add(dpre_mm.take(t), dhs_l[t - 1][:b])  # dL/dh_{t-1}
+        dh = _grow(dh, rows, t, dhs_l[t - 1][b:])
+    dpre_l[0].mul_(dh)
+    dpre_mm.take(0)
+    return dpre, dpre_mm.full
+
+
+def _rnn_backward_compiled(
+    w_hh: Tensor, dhs: Tensor, hs: Tensor, relu: bool
+) -> tuple[Tensor, Tensor] | None:
+    """The backward of a dense batch with one compiled kernel per step
+    (:func:`.rnn_step.rnn_backward`, which writes dL/dpre in W_hh's dtype, the GEMMs'
+    operand) and one GEMM; None when no kernel is available."""
+    T, B, H = hs.shape
+    dpre = empty((T, B, H), w_hh)
+    dpre_l, dhs_l, h_l = dpre.unbind(0), dhs.unbind(0), hs.unbind(0)
+    dh_rec = w_hh.new_zeros((B, H))  # nothing flows into the last step
+    backward = rnn_step.step_functions(relu)[2]
+    step = inductor.kernel(backward, dh_rec, dhs_l[0], h_l[0], dpre_l[0], state=h_l[0])
+    if step is None:
+        return None
+    lin, _ = step_gemm_fns(w_hh.t(), B, hs)  # lin(x, None) = x @ W_hh
+    for t in range(T - 1, -1, -1):
+        step(dh_rec, dhs_l[t], h_l[t], dpre_l[t])
+        if t:
+            dh_rec = lin(dpre_l[t], None)  # dL/dh_{t-1} via step t
+    return dpre, dpre
 
 
 class LSTMRecurrence(torch.autograd.Function):
@@ -254,6 +285,7 @@ class GRURecurrence(torch.autograd.Function):
     ):
         hs, hs_mm, saved = scan.gru_scan(xg, h0, w_hh, b_hh, True, rows, x_bias)
         ctx.rows, ctx.xg_dtype, ctx.bias_dtype = rows, xg.dtype, _bias_dtype(x_bias)
+        ctx.b_hh_dtype = _bias_dtype(b_hh)
         ctx.save_for_backward(h0, w_hh, hs, hs_mm, *saved)  # type: ignore[misc]
         return hs
 
@@ -261,64 +293,114 @@ class GRURecurrence(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     @once_differentiable
     def backward(ctx, dhs: Tensor):
-        h0, w_hh, hs, hs_mm, rz, ns, hg_n = ctx.saved_tensors
-        rows = ctx.rows
-        T, B, H = hs.shape
-        r, z = rz[:, :, :H], rz[:, :, H:]
-        # With h' = n + z (h - n):  dz_pre = dh (h - n) z (1 - z),
-        # dn_pre = dh (1 - z) (1 - n^2), dr_pre = dn_pre hg_n r (1 - r), d(hg_n) = dn_pre r,
-        # and dh_prev = dh z + [dr_pre, dz_pre, d(hg_n)] @ W_hh. The factors that do not
-        # depend on the incoming gradient are computed for all steps first.
-        one_minus_z = empty((T, B, H), hs)
-        torch.neg(z, out=one_minus_z).add_(1)
-        dz_dh = empty((T, B, H), hs)  # (h_prev - n) z (1 - z)
-        dz_dh[0] = h0
-        if T > 1:
-            dz_dh[1:] = hs[:-1]
-        dz_dh.sub_(ns).mul_(z).mul_(one_minus_z)
-        dn_dh = empty((T, B, H), hs)  # (1 - z) (1 - n^2)
-        torch.mul(ns, ns, out=dn_dh).neg_().add_(1).mul_(one_minus_z)
-        dr_hgn_dn = empty((T, B, 2, H), hs)  # per step [hg_n r (1 - r), r]: by dn_pre
-        dr_dn = dr_hgn_dn[:, :, 0]
-        torch.mul(r, r, out=dr_dn)
-        dr_dn.neg_().add_(r).mul_(hg_n)
-        dr_hgn_dn[:, :, 1] = r
+        saved = ctx.saved_tensors
+        dhs = _dense_rows(dhs)
+        if ctx.rows is None:
+            found = _gru_backward_compiled(ctx, dhs, *saved)
+            if found is not None:
+                return found
+        return _gru_backward_eager(ctx, dhs, *saved)
 
-        d_rec = empty((T, B, 3 * H), hs)  # [dr_pre, dz_pre, d(hg_n)]: the GEMM operand
-        dn = empty((T, B, H), hs)  # dn_pre, which is also dL/d(x_n)
-        scan.zero_finished(d_rec, rows)
-        scan.zero_finished(dn, rows)
-        d_rec_mm = scan.GemmCopy(d_rec, rows, w_hh)
-        dz_l = scan.per_step(d_rec[:, :, H : 2 * H], rows)
-        d_rn = scan.per_step(d_rec.view(T, B, 3, H)[:, :, 0::2], rows)  # (b, 2, H): r and n
-        dn_l = scan.per_step(dn, rows)
-        dn_b = [d.unsqueeze(1) for d in dn_l]  # (b, 1, H), broadcast over dr_hgn_dn
-        dz_dh_l, dn_dh_l = scan.per_step(dz_dh, rows), scan.per_step(dn_dh, rows)
-        rr_l, z_l = scan.per_step(dr_hgn_dn, rows), scan.per_step(z, rows)
-        dhs_l = scan.per_step(_dense_rows(dhs), rows)
-        _, lin_add = step_gemm_fns(w_hh.t(), B, hs)  # lin_add(x, o) = o + x @ W_hh
-        mul, addcmul = torch.mul, torch.addcmul
-        dh = dhs_l[T - 1]  # total dL/dh_t of the live rows
-        for t in range(T - 1, -1, -1):
-            mul(dh, dz_dh_l[t], out=dz_l[t])
-            mul(dh, dn_dh_l[t], out=dn_l[t])
-            mul(dn_b[t], rr_l[t], out=d_rn[t])
-            d_rec_t = d_rec_mm.take(t)
-            if t:
-                b = dh.shape[0]
-                direct = addcmul(dhs_l[t - 1][:b], dh, z_l[t])  # through h' = ... + z h
-                dh = lin_add(d_rec_t, direct)  # dL/dh_{t-1}
-                dh = _grow(dh, rows, t, dhs_l[t - 1][b:])
-        need = ctx.needs_input_grad
-        dh0 = None
-        if need[1]:
-            dh0 = torch.mm(d_rec_mm.steps[0], w_hh).to(hs.dtype).addcmul_(dh, z_l[0])
-        dw = dw_hh(d_rec_mm.full, h0.to(w_hh.dtype), hs_mm) if need[2] else None
-        db = d_rec.sum(dim=(0, 1)) if need[3] or ctx.bias_dtype is not None else None
-        # dL/dxg = [dr_pre, dz_pre, dn_pre]: the input side meets n before the reset gate.
-        dxg = empty((T, B, 3 * H), hs.new_empty((), dtype=ctx.xg_dtype))
-        torch.cat((d_rec[:, :, : 2 * H], dn), dim=2, out=dxg)
-        db_x = None
-        if ctx.bias_dtype is not None and need[-1]:  # its sum over steps and rows, in float32
-            db_x = torch.cat((db[: 2 * H], dn.sum(dim=(0, 1)))).to(ctx.bias_dtype)
-        return dxg, dh0, dw, db if need[3] else None, None, db_x
+
+def _gru_backward_compiled(ctx, dhs: Tensor, h0, w_hh, hs, hs_mm, rz, ns, hg_n):
+    """The backward of a dense batch with one compiled kernel per step
+    (:func:`.gru_step.gru_backward`: the GEMMs' operand [dr, dz, d(hg_n)] in W_hh's dtype,
+    dL/dxg in xg's, and dL/dh_t z for the step before) and one GEMM; None when no kernel is
+    available. Returns the Function's gradients."""
+    T, B, H = hs.shape
+    d_rec = empty((T, B, 3 * H), w_hh)  # [dr_pre, dz_pre, d(hg_n)]: the GEMM operand
+    dxg = empty((T, B, 3 * H), hs.new_empty((), dtype=ctx.xg_dtype))  # [dr, dz, dn]_pre
+    d_rec3, dxg3 = d_rec.view(T, B, 3, H), dxg.view(T, B, 3, H)
+    dh_direct = hs.new_zeros((2, B, H))  # dL/dh_t z, ping-pong
+    dh_rec = w_hh.new_zeros((B, H))  # nothing flows into the last step
+    h0 = h0.contiguous()
+    h_prev = [h0, *hs.unbind(0)[:-1]]
+    dhs_l = dhs.unbind(0)
+
+    def args(t: int) -> tuple[Tensor, ...]:
+        return (
+            dh_rec, dh_direct[(t + 1) & 1], dhs_l[t], h_prev[t], rz[t], ns[t], hg_n[t],
+            *d_rec3[t].unbind(1), *dxg3[t].unbind(1), dh_direct[t & 1],
+        )  # fmt: skip
+
+    step = inductor.kernel(gru_backward, *args(T - 1), state=h0)
+    if step is None:
+        return None
+    lin, _ = step_gemm_fns(w_hh.t(), B, hs)  # lin(x, None) = x @ W_hh
+    for t in range(T - 1, -1, -1):
+        step(*args(t))
+        if t:
+            dh_rec = lin(d_rec[t], None)  # dL/dh_{t-1} via step t's GEMM
+    need = ctx.needs_input_grad
+    dh0 = None
+    if need[1]:  # through step 0's GEMM, and directly (its dL/dh_0 z, in slot 0)
+        dh0 = torch.mm(d_rec[0], w_hh).to(hs.dtype).add_(dh_direct[0])
+    dw = dw_hh(d_rec, h0.to(w_hh.dtype), hs_mm) if need[2] else None
+    db = d_rec.sum(dim=(0, 1), dtype=torch.float32).to(ctx.b_hh_dtype) if need[3] else None
+    db_x = _bias_grad(dxg, ctx.bias_dtype, need)
+    return dxg, dh0, dw, db, None, db_x
+
+
+def _gru_backward_eager(ctx, dhs: Tensor, h0, w_hh, hs, hs_mm, rz, ns, hg_n):
+    """The backward of any batch (packed too) with eager ops; returns the Function's
+    gradients."""
+    rows = ctx.rows
+    T, B, H = hs.shape
+    r, z = rz[:, :, :H], rz[:, :, H:]
+    # With h' = n + z (h - n):  dz_pre = dh (h - n) z (1 - z),
+    # dn_pre = dh (1 - z) (1 - n^2), dr_pre = dn_pre hg_n r (1 - r), d(hg_n) = dn_pre r,
+    # and dh_prev = dh z + [dr_pre, dz_pre, d(hg_n)] @ W_hh. The factors that do not
+    # depend on the incoming gradient are computed for all steps first.
+    one_minus_z = empty((T, B, H), hs)
+    torch.neg(z, out=one_minus_z).add_(1)
+    dz_dh = empty((T, B, H), hs)  # (h_prev - n) z (1 - z)
+    dz_dh[0] = h0
+    if T > 1:
+        dz_dh[1:] = hs[:-1]
+    dz_dh.sub_(ns).mul_(z).mul_(one_minus_z)
+    dn_dh = empty((T, B, H), hs)  # (1 - z) (1 - n^2)
+    torch.mul(ns, ns, out=dn_dh).neg_().add_(1).mul_(one_minus_z)
+    dr_hgn_dn = empty((T, B, 2, H), hs)  # per step [hg_n r (1 - r), r]: by dn_pre
+    dr_dn = dr_hgn_dn[:, :, 0]
+    torch.mul(r, r, out=dr_dn)
+    dr_dn.neg_().add_(r).mul_(hg_n)
+    dr_hgn_dn[:, :, 1] = r
+
+    d_rec = empty((T, B, 3 * H), hs)  # [dr_pre, dz_pre, d(hg_n)]: the GEMM operand
+    dn = empty((T, B, H), hs)  # dn_pre, which is also dL/d(x_n)
+    scan.zero_finished(d_rec, rows)
+    scan.zero_finished(dn, rows)
+    d_rec_mm = scan.GemmCopy(d_rec, rows, w_hh)
+    dz_l = scan.per_step(d_rec[:, :, H : 2 * H], rows)
+    d_rn = scan.per_step(d_rec.view(T, B, 3, H)[:, :, 0::2], rows)  # (b, 2, H): r and n
+    dn_l = scan.per_step(dn, rows)
+    dn_b = [d.unsqueeze(1) for d in dn_l]  # (b, 1, H), broadcast over dr_hgn_dn
+    dz_dh_l, dn_dh_l = scan.per_step(dz_dh, rows), scan.per_step(dn_dh, rows)
+    rr_l, z_l = scan.per_step(dr_hgn_dn, rows), scan.per_step(z, rows)
+    dhs_l = scan.per_step(_dense_rows(dhs), rows)
+    _, lin_add = step_gemm_fns(w_hh.t(), B, hs)  # lin_add(x, o) = o + x @ W_hh
+    mul, addcmul = torch.mul, torch.addcmul
+    dh = dhs_l[T - 1]  # total dL/dh_t of the live rows
+    for t in range(T - 1, -1, -1):
+        mul(dh, dz_dh_l[t], out=dz_l[t])
+        mul(dh, dn_dh_l[t], out=dn_l[t])
+        mul(dn_b[t], rr_l[t], out=d_rn[t])
+        d_rec_t = d_rec_mm.take(t)
+        if t:
+            b = dh.shape[0]
+            direct = addcmul(dhs_l[t - 1][:b], dh, z_l[t])  # through h' = ... + z h
+            dh = lin_add(d_rec_t, direct)  # dL/dh_{t-1}
+            dh = _grow(dh, rows, t, dhs_l[t - 1][b:])
+    need = ctx.needs_input_grad
+    dh0 = None
+    if need[1]:
+        dh0 = torch.mm(d_rec_mm.steps[0], w_hh).to(hs.dtype).addcmul_(dh, z_l[0])
+    dw = dw_hh(d_rec_mm.full, h0.to(w_hh.dtype), hs_mm) if need[2] else None
+    db = d_rec.sum(dim=(0, 1)) if need[3] or ctx.bias_dtype is not None else None
+    # dL/dxg = [dr_pre, dz_pre, dn_pre]: the input side meets n before the reset gate.
+    dxg = empty((T, B, 3 * H), hs.new_empty((), dtype=ctx.xg_dtype))
+    torch.cat((d_rec[:, :, : 2 * H], dn), dim=2, out=dxg)
+    db_x = None
+    if ctx.bias_dtype is not None and need[-1]:  # its sum over steps and rows, in float32
+        db_x = torch.cat((db[: 2 * H], dn.sum(dim=(0, 1)))).to(ctx.bias_dtype)
+    return dxg, dh0, dw, db if need[3] else None, None, db_x

@@ -17,12 +17,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["lstm_backward", "lstm_forward", "lstm_forward_mm"]
+__all__ = ["lstm_backward", "lstm_forward", "lstm_forward_mm", "tanh"]
 
 
-def _tanh(x: Tensor) -> Tensor:
-    # tanh(x) = 2 sigmoid(2x) - 1, exact up to float rounding: Inductor's vectorised sigmoid
-    # is much cheaper than its tanh (see docs/performance.md).
+def tanh(x: Tensor) -> Tensor:
+    """tanh(x) = 2 sigmoid(2x) - 1, exact up to float rounding: Inductor's vectorised
+    sigmoid is much cheaper than its tanh (see docs/performance.md). Every step kernel's
+    tanh."""
     return 2 * torch.sigmoid(2 * x) - 1
 
 
@@ -53,13 +54,13 @@ def lstm_forward(
     pre = gemm.to(c_prev.dtype) + x.to(c_prev.dtype)  # (B, 4H)
     i = torch.sigmoid(pre[:, :H])
     f = torch.sigmoid(pre[:, H : 2 * H])
-    g = _tanh(pre[:, 2 * H : 3 * H])
+    g = tanh(pre[:, 2 * H : 3 * H])
     o = torch.sigmoid(pre[:, 3 * H :])
     c_t = f * c_prev + i * g
     for out, gate in ((i_out, i), (f_out, f), (g_out, g), (o_out, o)):
         out.copy_(gate)
     c.copy_(c_t)
-    h.copy_(o * _tanh(c_t))
+    h.copy_(o * tanh(c_t))
 
 
 def lstm_forward_mm(
@@ -112,7 +113,7 @@ def lstm_backward(
     H = c.shape[-1]
     i, f, g, o = acts[:, :H], acts[:, H : 2 * H], acts[:, 2 * H : 3 * H], acts[:, 3 * H :]
     dh = dh_rec.to(dh_out.dtype) + dh_out
-    tanh_c = _tanh(c)
+    tanh_c = tanh(c)
     dc_t = dc + dh * o * (1 - tanh_c * tanh_c)  # h = o tanh(c)
     d_i.copy_(dc_t * g * i * (1 - i))  # sigmoid' = s (1 - s), tanh' = 1 - t^2
     d_f.copy_(dc_t * c_prev * f * (1 - f))

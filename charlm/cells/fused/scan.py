@@ -30,8 +30,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import inductor
+from . import inductor, rnn_step
 from .gemm import step_gemm_fns
+from .gru_step import gru_forward, gru_forward_mm
 from .lstm_step import lstm_forward, lstm_forward_mm
 from .workspace import empty
 
@@ -138,8 +139,15 @@ def rnn_scan(
     Returns:
         (hs, hs_mm): hs (T, B, H), every hidden state (the activations themselves, which is
         all that the backward pass needs besides), and hs_mm, hs in w_hh's dtype.
+
+    Runs :func:`rnn_scan_compiled` where a compiled step kernel is available (a dense batch,
+    see :func:`lstm_scan`), else the eager loop below.
     """
     T, B, H = xg.shape
+    if rows is None and inductor.eligible(h0, B * H):
+        found = rnn_scan_compiled(xg, h0, w_hh, relu, x_bias)
+        if found is not None:
+            return found
     xg = loop_input(xg, h0, x_bias)
     hs = empty((T, B, H), h0)
     zero_finished(hs, rows)
@@ -155,6 +163,41 @@ def rnn_scan(
         else:
             tanh_(pre, minus_one, out=h_l[t])
         hs_mm.take(t)
+    return hs, hs_mm.full
+
+
+def _gemm_like(x_t: Tensor, w_hh: Tensor) -> Tensor:
+    """An example of one step's GEMM output for compiling a kernel: ``x_t`` (B, G) itself
+    where the dtypes agree (both are dense), else a (B, G) tensor in the GEMMs' dtype."""
+    return x_t if x_t.dtype == w_hh.dtype else w_hh.new_empty(x_t.shape)
+
+
+def rnn_scan_compiled(
+    xg: Tensor, h0: Tensor, w_hh: Tensor, relu: bool, x_bias: Tensor | None = None
+) -> tuple[Tensor, Tensor] | None:
+    """:func:`rnn_scan` of a dense batch with each step's pointwise part as one compiled
+    kernel (:func:`.rnn_step.rnn_forward`, which equals ``rnn_step`` after its GEMM, or its
+    relu twin); None when no kernel is available for this shape. With bf16 GEMMs the kernel
+    also adds ``x_bias`` and writes hs_mm (:func:`.rnn_step.rnn_forward_mm`)."""
+    T, B, H = xg.shape
+    forward, forward_mm, _ = rnn_step.step_functions(relu)
+    hs = empty((T, B, H), h0)
+    hs_mm = GemmCopy(hs, None, w_hh)
+    if x_bias is not None and not hs_mm.copies:  # only the bf16 kernel adds it
+        xg, x_bias = loop_input(xg, h0, x_bias), None
+    x_l, h_l = xg.unbind(0), hs.unbind(0)
+    fn, outs = forward, [h_l]
+    if hs_mm.copies:
+        bias = h0.new_zeros(H) if x_bias is None else x_bias
+        fn, outs = forward_mm, [h_l, hs_mm.steps, [bias] * T]
+    outs_t = list(zip(*outs, strict=True))  # per step
+    step = inductor.kernel(fn, _gemm_like(x_l[0], w_hh), x_l[0], *outs_t[0], state=h0)
+    if step is None:
+        return None
+    lin, _ = step_gemm_fns(w_hh, B, h0)
+    h_prev = previous(h0.to(w_hh.dtype).contiguous(), hs_mm.steps, None)
+    for t in range(T):
+        step(lin(h_prev[t], None), x_l[t], *outs_t[t])  # h_t = act(h_{t-1} W_hh^T + x_t)
     return hs, hs_mm.full
 
 
@@ -305,10 +348,8 @@ def lstm_scan_compiled(
     if hs_mm.copies:
         bias = c0.new_zeros(G) if x_bias is None else x_bias
         fn, outs = lstm_forward_mm, [*outs, hs_mm.steps, [bias] * T]
-    # x_l[0] stands in for the GEMM's output where they share a dtype: both are dense (B, 4H).
-    gemm_like = x_l[0] if xg.dtype == w_hh.dtype else w_hh.new_empty((B, G))
     outs_t = list(zip(*outs, strict=True))  # per step
-    full = inductor.kernel(fn, gemm_like, x_l[0], c_in[0], *outs_t[0])
+    full = inductor.kernel(fn, _gemm_like(x_l[0], w_hh), x_l[0], c_in[0], *outs_t[0])
     if full is None:
         return None
     h_prev = previous(h0.to(w_hh.dtype).contiguous(), hs_mm.steps, rows)
@@ -342,9 +383,16 @@ def gru_scan(
     Returns:
         (hs, hs_mm, saved): hs (T, B, H), hs_mm (hs in w_hh's dtype) and when ``keep`` (rz
         (T, B, 2H) activated r and z, n (T, B, H), hg_n (T, B, H) = W_hn h + b_hn).
+
+    Runs :func:`gru_scan_compiled` where a compiled step kernel is available (a dense batch,
+    see :func:`lstm_scan`), else the eager loop below; both save the same tensors.
     """
     T, B, G = xg.shape
     H = G // 3
+    if rows is None and inductor.eligible(h0, B * H):
+        found = gru_scan_compiled(xg, h0, w_hh, b_hh, keep, x_bias)
+        if found is not None:
+            return found
     xg = loop_input(xg, h0, x_bias)
     n_buf = T if keep else 1
     rz = empty((n_buf, B, 2 * H), xg)
@@ -379,3 +427,42 @@ def gru_scan(
         lerp(n_t, h, z_l[t], out=h_l[t])  # h' = n + z * (h - n) = (1 - z) n + z h
         hs_mm.take(t)
     return hs, hs_mm.full, ((rz, ns, hgn) if keep else None)  # type: ignore[return-value]
+
+
+def gru_scan_compiled(
+    xg: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor | None, keep: bool,
+    x_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None] | None:
+    """:func:`gru_scan` of a dense batch with each step's pointwise part as one compiled
+    kernel (:func:`.gru_step.gru_forward`, which equals ``gru_step`` after its GEMM); None
+    when no kernel is available for this shape. With bf16 GEMMs the kernel also adds
+    ``b_hh`` and ``x_bias`` in float32 and writes hs_mm (:func:`.gru_step.gru_forward_mm`)."""
+    T, B, G = xg.shape
+    H = G // 3
+    hs = empty((T, B, H), h0)
+    hs_mm = GemmCopy(hs, None, w_hh)
+    if x_bias is not None and not hs_mm.copies:  # only the bf16 kernel adds it
+        xg, x_bias = loop_input(xg, h0, x_bias), None
+    n_buf = T if keep else 1
+    rz = empty((n_buf, B, 2 * H), h0)
+    ns, hgn = empty((n_buf, B, H), h0), empty((n_buf, B, H), h0)
+    x_l, h_l = xg.unbind(0), hs.unbind(0)
+    outs = [scratch_steps(b, None, T, keep) for b in (rz[:, :, :H], rz[:, :, H:], ns, hgn)]
+    fn, gemm_bias = gru_forward, b_hh  # the GEMM adds b_hh ...
+    outs.append(h_l)
+    if hs_mm.copies:  # ... except a bf16 one: the kernel adds both biases in float32
+        zeros = h0.new_zeros(G)
+        biases = [x_bias if x_bias is not None else zeros, b_hh if b_hh is not None else zeros]
+        fn, gemm_bias = gru_forward_mm, None
+        outs += [hs_mm.steps, [biases[0]] * T, [biases[1]] * T]
+    outs_t = list(zip(*outs, strict=True))  # per step
+    h0 = h0.contiguous()
+    step = inductor.kernel(fn, _gemm_like(x_l[0], w_hh), x_l[0], h0, *outs_t[0])
+    if step is None:
+        return None
+    lin, _ = step_gemm_fns(w_hh, B, h0)
+    h_prev = previous(h0, h_l, None)
+    h_prev_mm = previous(h0.to(w_hh.dtype), hs_mm.steps, None)
+    for t in range(T):
+        step(lin(h_prev_mm[t], gemm_bias), x_l[t], h_prev[t], *outs_t[t])
+    return hs, hs_mm.full, ((rz, ns, hgn) if keep else None)

@@ -650,7 +650,7 @@ def run_bench(device: torch.device, cells: Sequence[str] | None = None,
                 tqdm.write(line, file=sys.stderr)
     finally:
         bar.close()
-    checks["compiled_lstm_step"] = inductor.uses > kernel_uses
+    checks["compiled_steps"] = inductor.uses > kernel_uses
     used = {"requested": precision, "recurrent": "+".join(precisions),
             "transformer": train_precision, "registry": "+".join(registry_precisions),
             "sampling": "fp32", "variants": "fp32", "bf16_native": bf16_native(device)}
@@ -819,10 +819,11 @@ def format_table(result: dict) -> str:
     if d["type"] != "cuda":
         notes.append(f"peak memory: process max RSS {_mib(result['process_max_rss_bytes'])}")
     ran = result["contenders"]
-    if any(r.get("cell") == "lstm" and r["name"].startswith("charlm") for r in ran):
-        compiled = result["checks"].get("compiled_lstm_step")
+    if any(r.get("cell") in ("rnn", "lstm", "gru") and r["name"].startswith("charlm")
+           for r in ran):
+        compiled = result["checks"].get("compiled_steps")
         how = "compiled kernels" if compiled else "eager torch ops"
-        notes.append(f"charlm LSTM step: {how} (charlm/cells/fused/inductor.py; "
+        notes.append(f"charlm RNN/LSTM/GRU steps: {how} (charlm/cells/fused/inductor.py; "
                      "CHARLM_COMPILE=0 for eager)")
     checks = result["checks"]
     bad = [f"{name} logits differ by {diff:.2g}" for name, diff in checks["max_logit_diff"].items()

@@ -107,8 +107,8 @@ def test_table_lists_every_contender(quick_result):
         assert c["name"] in table
     assert "KV cache speedup" in table and "CHECK FAILED" not in table
     # The quick shape is below kernels.MIN_NUMEL, so the LSTM ran eagerly, and says so.
-    assert quick_result["checks"]["compiled_lstm_step"] is False
-    assert "charlm LSTM step: eager torch ops" in table
+    assert quick_result["checks"]["compiled_steps"] is False
+    assert "charlm RNN/LSTM/GRU steps: eager torch ops" in table
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])

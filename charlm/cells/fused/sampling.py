@@ -19,7 +19,7 @@ test_one_step_path_matches_torch and the sampling tests) on views of scratch buf
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from operator import attrgetter
 
 import torch
@@ -108,19 +108,24 @@ class Sampler:
     def forget_weights(self) -> None:
         self._weights = None
 
-    def _weights_for(self, params: list[list[Tensor | None]], dtype: torch.dtype):
+    def _weights_for(
+        self, flat: Sequence[Tensor], params: Callable[[], list[list[Tensor | None]]],
+        dtype: torch.dtype,
+    ):
         """(w_in, b_in, w_stack, b_stack) in ``dtype``: per layer W_ih^T (I, G) and its
         bias, and the batched GEMM's operands: every layer's W_hh^T stacked (L, H, G) with
         their biases (L, 1, G).
 
         Built once and cached until a parameter changes: an optimizer step or
         load_state_dict bumps its version, ``.to()`` gives it new data, functional_call
-        swaps the tensor; each of these is part of the cache key.
+        swaps the tensor; each of these is part of the cache key, made from ``flat`` (every
+        parameter of the stack). ``params()`` gives them per layer, [w_ih, w_hh, b_ih,
+        b_hh], and is called only when the cache is stale.
         """
-        flat = [p for ps in params for p in ps if p is not None]
         key = (dtype, *map(id, flat), *map(_version, flat), *map(Tensor.data_ptr, flat))
         if self._weights is not None and self._weights[0] == key:
             return self._weights[1]
+        params = params()
         L = len(params)
         with torch.no_grad():
             ws = [[p.to(dtype) if p is not None else None for p in ps] for ps in params]
@@ -139,32 +144,35 @@ class Sampler:
         self._weights = (key, built)
         return built
 
-    def _scratch_for(self, like: Tensor, shape: tuple[int, int, int]) -> _Scratch:
-        """This thread's scratch for the shape (threads sampling from one model at once
-        each get their own)."""
+    def _scratch_for(self, x: Tensor, dtype: torch.dtype, shape: tuple[int, int, int]) -> _Scratch:
+        """This thread's scratch for the shape, in ``dtype`` on ``x``'s device (threads
+        sampling from one model at once each get their own)."""
         inference = torch.is_inference_mode_enabled()  # such buffers stay in that mode
-        key = (threading.get_ident(), shape, like.dtype, like.device, inference)
+        key = (threading.get_ident(), shape, dtype, x.device, inference)
         found = self._scratch.get(key)
         if found is None:
             if len(self._scratch) >= 16:  # dead threads' and old batch sizes' buffers
                 self._scratch.clear()
+            like = x.new_empty((), dtype=dtype)
             found = self._scratch[key] = _Scratch(like, shape, self.views)
         return found
 
     def step_all(
         self,
-        params: list[list[Tensor | None]],
+        flat: Sequence[Tensor],
+        params: Callable[[], list[list[Tensor | None]]],
         x: Tensor,
         states: list[Tensor],
         dropout: float,
         dtype: torch.dtype,
     ) -> tuple[Tensor, list[Tensor]]:
         """Every layer for one time step: x (B, I), states (L, B, H) each -> (the top
-        layer's h (B, H), new states (L, B, H) each), in ``dtype``. ``params`` holds per
-        layer [w_ih, w_hh, b_ih, b_hh] (biases None without bias)."""
+        layer's h (B, H), new states (L, B, H) each), in ``dtype``. ``flat`` holds every
+        parameter of the stack, ``params()`` the same per layer as [w_ih, w_hh, b_ih, b_hh]
+        (biases None without bias): see :meth:`_weights_for`."""
         L, B, _ = states[0].shape
-        w_in, b_in, w_stack, b_stack = self._weights_for(params, dtype)
-        scratch = self._scratch_for(x.new_empty((), dtype=dtype), (L, B, w_stack.shape[-1]))
+        w_in, b_in, w_stack, b_stack = self._weights_for(flat, params, dtype)
+        scratch = self._scratch_for(x, dtype, (L, B, w_stack.shape[-1]))
         if b_stack is None:
             torch.bmm(states[0], w_stack, out=scratch.rec)
         else:

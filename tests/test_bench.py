@@ -188,3 +188,17 @@ def test_the_json_names_the_gemm_backend_each_shape_raced_to(quick_result):
     assert set(backends.values()) <= {"onednn", "torch"}
     if gemm.BACKEND == "auto" and onednn.linear_op() is not None:
         assert any(key.startswith("mm_nt torch.float32") for key in backends)
+
+
+def test_user_loops_script_runs_and_reports_both_ratios():
+    """benchmarks/user_loops.py (the loops a drop-in user writes) runs end to end."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "user_loops.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--cells", "rnn", "--rounds", "1", "--chars", "5",
+         "--steps", "1"], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip().splitlines()[-1]
+    assert line.startswith("RNN") and line.count("x") >= 2 and "chars/s" in line

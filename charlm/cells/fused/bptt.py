@@ -55,7 +55,7 @@ def _bias_grad(dpre: Tensor, dtype: torch.dtype | None, need: tuple[bool, ...]) 
     without one leave out."""
     if dtype is None or not need[-1]:
         return None
-    return dpre.sum(dim=(0, 1)).to(dtype)
+    return dpre.sum(dim=(0, 1), dtype=torch.float32).to(dtype)  # a bf16 dpre sums in fp32
 
 
 def _in_dtype(dpre: Tensor, dpre_mm: Tensor, dtype: torch.dtype) -> Tensor:

@@ -825,6 +825,11 @@ def format_table(result: dict) -> str:
         how = "compiled kernels" if compiled else "eager torch ops"
         notes.append(f"charlm RNN/LSTM/GRU steps: {how} (charlm/cells/fused/inductor.py; "
                      "CHARLM_COMPILE=0 for eager)")
+    backends = list(d.get("gemm_backends", {}).values())
+    if backends:
+        notes.append(f"charlm GEMMs, by a race per shape: {backends.count('torch')} shapes on "
+                     f"torch's, {backends.count('onednn')} on oneDNN's (--json: "
+                     "device.gemm_backends; CHARLM_GEMM=torch|onednn to force)")
     checks = result["checks"]
     bad = [f"{name} logits differ by {diff:.2g}" for name, diff in checks["max_logit_diff"].items()
            if not diff <= SAME_FUNCTION_TOL]

@@ -371,7 +371,8 @@ class _Layer(nn.Module):
                 return self._one_step(x, states, dropout, torch.float32)
         dtype = dtype or self._parameters["weight_hh_l0"].dtype
         return self._sampler.step_all(
-            tuple(self._parameters.values()), self._sampling_params, x, states, dropout, dtype
+            tuple(p for p in self._parameters.values() if p is not None),
+            self._sampling_params, x, states, dropout, dtype,
         )
 
     def _sampling_params(self) -> list[list[Tensor | None]]:

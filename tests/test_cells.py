@@ -709,3 +709,15 @@ def test_gemm_backend_race_picks_the_faster_and_remembers(monkeypatch):
     assert gemm.choices() == {"k": "torch", "j": "onednn"}
     monkeypatch.setattr(gemm, "BACKEND", "onednn")
     assert gemm._use_onednn(("k",), race) is True  # forced: no race, no memory consulted
+
+
+def test_a_bad_gemm_backend_setting_warns_and_races():
+    import subprocess
+    import sys
+
+    code = ("import warnings; warnings.simplefilter('always');"
+            "from charlm.cells.fused import gemm; print(gemm.BACKEND)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**__import__("os").environ, "CHARLM_GEMM": "mkl"}, timeout=120)
+    assert done.stdout.strip() == "auto"
+    assert "CHARLM_GEMM='mkl' is none of auto, onednn, torch" in done.stderr

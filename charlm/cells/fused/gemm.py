@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -30,6 +31,10 @@ from .workspace import empty
 __all__ = ["BACKEND", "choices", "dw_hh", "mm_nt", "project", "step_gemm_fns"]
 
 BACKEND = os.environ.get("CHARLM_GEMM", "auto").strip().lower()  # auto | onednn | torch
+if BACKEND not in ("auto", "onednn", "torch"):
+    warnings.warn(f"charlm: CHARLM_GEMM={BACKEND!r} is none of auto, onednn, torch; using auto",
+                  RuntimeWarning, stacklevel=2)
+    BACKEND = "auto"
 ONEDNN_MIN_ROWS = 8  # below this many rows oneDNN is not even tried (its fixed cost)
 
 # Per product kind and shape: whether oneDNN won the race (see _race). Read by `charlm bench

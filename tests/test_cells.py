@@ -721,3 +721,15 @@ def test_a_bad_gemm_backend_setting_warns_and_races():
                           env={**__import__("os").environ, "CHARLM_GEMM": "mkl"}, timeout=120)
     assert done.stdout.strip() == "auto"
     assert "CHARLM_GEMM='mkl' is none of auto, onednn, torch" in done.stderr
+
+
+def test_gemm_race_draws_no_random_numbers(monkeypatch):
+    """Racing the backends must not move the global RNG: a seeded run stays reproducible
+    whether or not its shapes were raced before."""
+    monkeypatch.setattr(gemm, "BACKEND", "auto")
+    monkeypatch.setattr(gemm, "_onednn_won", {})
+    w = torch.randn(24, 16)
+    state = torch.random.get_rng_state()
+    gemm.step_gemm_fns(w, 9, w)
+    gemm.mm_nt(torch.randn(0, 16).new_ones(40, 16), w)
+    assert torch.equal(torch.random.get_rng_state(), state)

@@ -821,7 +821,8 @@ def format_table(result: dict) -> str:
     ran = result["contenders"]
     if any(r.get("cell") in ("rnn", "lstm", "gru") and r["name"].startswith("charlm")
            for r in ran):
-        compiled = result["checks"].get("compiled_steps")
+        checks = result["checks"]  # (files from before 2026-12-01 name it compiled_lstm_step)
+        compiled = checks.get("compiled_steps", checks.get("compiled_lstm_step"))
         how = "compiled kernels" if compiled else "eager torch ops"
         notes.append(f"charlm RNN/LSTM/GRU steps: {how} (charlm/cells/fused/inductor.py; "
                      "CHARLM_COMPILE=0 for eager)")

@@ -828,9 +828,10 @@ def format_table(result: dict) -> str:
                      "CHARLM_COMPILE=0 for eager)")
     backends = list(d.get("gemm_backends", {}).values())
     if backends:
-        notes.append(f"charlm GEMMs, by a race per shape: {backends.count('torch')} shapes on "
-                     f"torch's, {backends.count('onednn')} on oneDNN's (--json: "
-                     "device.gemm_backends; CHARLM_GEMM=torch|onednn to force)")
+        counts = ", ".join(f"{backends.count(b)} on {b}" for b in ("torch", "onednn", "mkl")
+                           if b in backends)
+        notes.append(f"charlm GEMMs, by a race per product shape: {counts} (--json: "
+                     "device.gemm_backends; CHARLM_GEMM=torch|onednn|mkl to force)")
     checks = result["checks"]
     bad = [f"{name} logits differ by {diff:.2g}" for name, diff in checks["max_logit_diff"].items()
            if not diff <= SAME_FUNCTION_TOL]

@@ -140,14 +140,14 @@ def test_layer_unbatched_matches_torch(kind, fused, with_hx):
     assert_same(ref, mine, x, hx)
 
 
-@pytest.mark.parametrize("backend", ["onednn", "torch", "auto"])
+@pytest.mark.parametrize("backend", ["onednn", "torch", "mkl", "auto"])
 @pytest.mark.parametrize("batch", [1, 9])
 @pytest.mark.parametrize("kind", KINDS)
 def test_layer_gemm_backends_match_torch(kind, batch, backend, monkeypatch):
-    """Batches of 8+ rows may take the oneDNN GEMM (forced, or where it wins the race);
-    smaller ones addmm."""
+    """Batches of 8+ rows may take the oneDNN or MKL packed GEMM (forced, or where it wins
+    the race); smaller ones addmm."""
     monkeypatch.setattr(gemm, "BACKEND", backend)
-    monkeypatch.setattr(gemm, "_onednn_won", {})
+    monkeypatch.setattr(gemm, "_winner", {})
     torch.manual_seed(0)
     ref, mine = make_layers(kind, True, num_layers=2, batch_first=True)
     g = torch.Generator().manual_seed(3)
@@ -687,10 +687,10 @@ def test_torch_compile_leaves_the_layers_out():
 
 
 def test_gemm_backend_race_picks_the_faster_and_remembers(monkeypatch):
-    """The first product of a shape races both backends and the faster one stays chosen;
-    a later call with the same key does not race again."""
+    """The first product of a shape races every backend and the fastest stays chosen; a
+    later call with the same key does not race again; a forced backend skips the race."""
     monkeypatch.setattr(gemm, "BACKEND", "auto")
-    monkeypatch.setattr(gemm, "_onednn_won", {})
+    monkeypatch.setattr(gemm, "_winner", {})
     import time
 
     def slow() -> None:
@@ -700,15 +700,20 @@ def test_gemm_backend_race_picks_the_faster_and_remembers(monkeypatch):
 
     def race():
         calls.append(1)
-        return slow, lambda: None  # oneDNN's "product" is the slow one here
+        return {"torch": slow, "onednn": slow, "mkl": lambda: None}
 
-    assert gemm._use_onednn(("k",), race) is False
-    assert gemm._use_onednn(("k",), race) is False
+    names = ("torch", "onednn", "mkl")
+    assert gemm._choose(("k",), names, race) == "mkl"
+    assert gemm._choose(("k",), names, race) == "mkl"
     assert calls == [1]
-    assert gemm._use_onednn(("j",), lambda: (lambda: None, slow)) is True
-    assert gemm.choices() == {"k": "torch", "j": "onednn"}
+    fast_torch = {"torch": lambda: None, "onednn": slow}
+    assert gemm._choose(("j",), names[:2], lambda: fast_torch) == "torch"
+    assert gemm.choices() == {"k": "mkl", "j": "torch"}
     monkeypatch.setattr(gemm, "BACKEND", "onednn")
-    assert gemm._use_onednn(("k",), race) is True  # forced: no race, no memory consulted
+    assert gemm._choose(("k",), names, race) == "onednn"  # forced: no race, no memory
+    monkeypatch.setattr(gemm, "BACKEND", "mkl")
+    assert gemm._choose(("k",), names[:2], race) == "torch"  # forced but not available here
+    assert calls == [1]
 
 
 def test_a_bad_gemm_backend_setting_warns_and_races():
@@ -718,16 +723,16 @@ def test_a_bad_gemm_backend_setting_warns_and_races():
     code = ("import warnings; warnings.simplefilter('always');"
             "from charlm.cells.fused import gemm; print(gemm.BACKEND)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**__import__("os").environ, "CHARLM_GEMM": "mkl"}, timeout=120)
+                          env={**__import__("os").environ, "CHARLM_GEMM": "mkl2"}, timeout=120)
     assert done.stdout.strip() == "auto"
-    assert "CHARLM_GEMM='mkl' is none of auto, onednn, torch" in done.stderr
+    assert "CHARLM_GEMM='mkl2' is none of auto, onednn, torch, mkl" in done.stderr
 
 
 def test_gemm_race_draws_no_random_numbers(monkeypatch):
     """Racing the backends must not move the global RNG: a seeded run stays reproducible
     whether or not its shapes were raced before."""
     monkeypatch.setattr(gemm, "BACKEND", "auto")
-    monkeypatch.setattr(gemm, "_onednn_won", {})
+    monkeypatch.setattr(gemm, "_winner", {})
     w = torch.randn(24, 16)
     state = torch.random.get_rng_state()
     gemm.step_gemm_fns(w, 9, w)

@@ -5,10 +5,10 @@
 - nothing in ``fused/`` imports ``layer`` or ``cell``, or anything of charlm outside
   ``charlm.cells``;
 - private torch APIs appear only in their backend file: ``torch.ops.mkldnn`` in
-  ``fused/onednn.py``, storage use counts in ``fused/workspace.py``, ``torch._inductor`` and
-  ``make_fx`` in ``fused/inductor.py``; and in the rest of the package, torch's private CPU
-  feature probes (``torch.cpu._is_*``) in ``charlm/device.py`` only, the cells' backends
-  nowhere.
+  ``fused/onednn.py``, ``torch.ops.mkl`` in ``fused/mkl.py``, storage use counts in
+  ``fused/workspace.py``, ``torch._inductor`` and ``make_fx`` in ``fused/inductor.py``;
+  and in the rest of the package, torch's private CPU feature probes (``torch.cpu._is_*``)
+  in ``charlm/device.py`` only, the cells' backends nowhere.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ FILES = sorted(PKG.rglob("*.py"))
 # private API -> the one file allowed to use it
 PRIVATE = {
     "torch.ops.mkldnn": "fused/onednn.py",
+    "torch.ops.mkl": "fused/mkl.py",
     "_storage_Use_Count": "fused/workspace.py",
     "_use_count": "fused/workspace.py",
     "_cdata": "fused/workspace.py",
@@ -112,7 +113,7 @@ def dotted_names(path: Path) -> set[str]:
 def test_the_package_has_the_documented_files():
     names = {rel(p) for p in FILES}
     assert {"__init__.py", "equations.py", "cell.py", "layer.py", "fused/__init__.py"} <= names
-    assert {"fused/onednn.py", "fused/workspace.py", "fused/inductor.py"} <= names
+    assert {"fused/onednn.py", "fused/mkl.py", "fused/workspace.py", "fused/inductor.py"} <= names
     assert not (PKG.parent / "cells.py").exists(), "the old single-file module is back"
 
 

@@ -1,17 +1,20 @@
-"""Matrix products of the fused time loops, on whichever backend is faster on this machine.
+"""Matrix products of the fused time loops, on whichever backend is fastest on this machine.
 
-Two CPU backends compute the same ``x @ w.T (+ b)``: torch's own (``torch.mm``/``addmm``,
-MKL on x86 builds) and oneDNN's linear op (:mod:`.onednn`, the library behind torch.nn's CPU
-LSTM). Which is faster depends on the CPU and the shape: oneDNN's fp32 GEMM is up to 2x
-faster on one AMD EPYC, MKL's up to 1.9x on one Intel Xeon (figures per machine in
-docs/performance.md). So nothing here is tuned to a CPU: the first product of each kind and
-shape (per dtype, operand layout and thread count) is run on both, interleaved, best of a
-few calls (:func:`_race`, a few milliseconds once per shape and process), and that shape
-keeps the winner. ``BACKEND`` (env ``CHARLM_GEMM``: ``auto``, ``onednn`` or ``torch``)
-forces one for reproducibility or debugging. CUDA, float64, tiny batches and builds without
-the oneDNN op always take torch's. Every function here computes a plain ``x @ w.T (+ b)``,
-in its operands' dtype (bf16 GEMMs accumulate in float32 inside the kernel: see
-:mod:`.precision`); the layer tests hold the results to torch.nn on each backend.
+Three CPU backends compute the same ``x @ w.T (+ b)``: torch's own (``torch.mm``/``addmm``,
+MKL on x86 builds), oneDNN's linear op (:mod:`.onednn`, the library behind torch.nn's CPU
+LSTM) and, for a time loop's per-step float32 products, MKL's packed-weight GEMM
+(:mod:`.mkl`, the weight packed once per sequence). Which is fastest depends on the CPU and
+the shape: oneDNN's fp32 GEMM is up to 2x faster than MKL's on one AMD EPYC, MKL's up to
+1.9x faster than oneDNN's on one Intel Xeon (figures per machine in docs/performance.md). So
+nothing here is tuned to a CPU: the first product of each kind and shape (per dtype, operand
+layout and thread count) is run on every candidate, interleaved, best of a few calls
+(:func:`_fastest`, a few milliseconds once per shape and process), and that shape keeps the
+winner. ``BACKEND`` (env ``CHARLM_GEMM``: ``auto``, ``onednn``, ``torch`` or ``mkl``) forces
+one where it applies, for reproducibility or debugging. CUDA, float64, tiny batches and
+builds without the private ops always take torch's. Every function here computes a plain
+``x @ w.T (+ b)``, in its operands' dtype (bf16 GEMMs accumulate in float32 inside the
+kernel: see :mod:`.precision`); the layer tests hold the results to torch.nn on each
+backend.
 """
 
 from __future__ import annotations
@@ -25,21 +28,22 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import onednn
+from . import mkl, onednn
 from .workspace import empty
 
 __all__ = ["BACKEND", "choices", "dw_hh", "mm_nt", "project", "step_gemm_fns"]
 
-BACKEND = os.environ.get("CHARLM_GEMM", "auto").strip().lower()  # auto | onednn | torch
-if BACKEND not in ("auto", "onednn", "torch"):
-    warnings.warn(f"charlm: CHARLM_GEMM={BACKEND!r} is none of auto, onednn, torch; using auto",
-                  RuntimeWarning, stacklevel=2)
+_BACKENDS = ("auto", "onednn", "torch", "mkl")
+BACKEND = os.environ.get("CHARLM_GEMM", "auto").strip().lower()
+if BACKEND not in _BACKENDS:
+    warnings.warn(f"charlm: CHARLM_GEMM={BACKEND!r} is none of {', '.join(_BACKENDS)}; "
+                  "using auto", RuntimeWarning, stacklevel=2)
     BACKEND = "auto"
-ONEDNN_MIN_ROWS = 8  # below this many rows oneDNN is not even tried (its fixed cost)
+ONEDNN_MIN_ROWS = 8  # below this many rows the other backends are not even tried
 
-# Per product kind and shape: whether oneDNN won the race (see _race). Read by `charlm bench
-# --json` through choices().
-_onednn_won: dict[tuple, bool] = {}
+# Per product kind and shape: the backend that won its race (see _fastest). Read by `charlm
+# bench --json` through choices().
+_winner: dict[tuple, str] = {}
 
 
 def onednn_possible(t: Tensor, rows: int) -> bool:
@@ -53,53 +57,58 @@ def onednn_possible(t: Tensor, rows: int) -> bool:
     )
 
 
-Race = Callable[[], tuple[Callable[[], object], Callable[[], object]]]
+def _mkl_possible(w: Tensor, rows: int) -> bool:
+    """Whether per-step products with ``w`` may run on MKL's packed GEMM (float32 only)."""
+    return (
+        rows >= ONEDNN_MIN_ROWS
+        and w.dtype == torch.float32
+        and w.device.type == "cpu"
+        and mkl.packed_linear() is not None
+    )
 
 
-def _use_onednn(key: tuple, race: Race) -> bool:
-    """Whether the product ``key`` names runs on oneDNN: forced by ``BACKEND``, else the
-    winner of :func:`_race` between the two calls ``race()`` makes (oneDNN's, torch's), run
-    the first time ``key`` is seen and remembered."""
-    if BACKEND == "onednn":
-        return True
-    found = _onednn_won.get(key)
+Thunk = Callable[[], object]
+
+
+def _choose(key: tuple, names: tuple[str, ...], race: Callable[[], dict[str, Thunk]]) -> str:
+    """The backend (one of ``names``, always including "torch") that runs the product
+    ``key`` names: forced by ``BACKEND`` where it is one of them, else the fastest of the
+    calls ``race()`` makes, one per name (:func:`_fastest`), run the first time ``key`` is
+    seen and remembered."""
+    if BACKEND != "auto":
+        return BACKEND if BACKEND in names else "torch"
+    found = _winner.get(key)
     if found is None:
         with torch.no_grad():
-            found = _onednn_won[key] = _race(*race())
+            found = _winner[key] = _fastest(race())
     return found
 
 
-def _race(a: Callable[[], object], b: Callable[[], object]) -> bool:
-    """True when ``a`` is faster than ``b``: after one warm-up call each, the best of a few
+def _fastest(calls: dict[str, Thunk]) -> str:
+    """The name of the fastest call: after one warm-up call each, the best of a few
     interleaved timings, each of enough calls to last ~0.2 ms (so that a per-step product
     of tens of microseconds is timed above the clock's noise). Interleaving and the best
-    time keep a drifting or briefly busy machine from favouring either."""
-    t0 = time.perf_counter()
-    a()
-    t1 = time.perf_counter()
-    b()
-    once = max(min(t1 - t0, time.perf_counter() - t1), 1e-7)
-    calls = max(1, min(50, int(2e-4 / once)))
-    rounds = 3 if once > 1e-3 else 5
-    best_a = best_b = float("inf")
-    for _ in range(rounds):
+    time keep a drifting or briefly busy machine from favouring any."""
+    once = float("inf")
+    for f in calls.values():
         t0 = time.perf_counter()
-        for _ in range(calls):
-            a()
-        t1 = time.perf_counter()
-        for _ in range(calls):
-            b()
-        t2 = time.perf_counter()
-        best_a, best_b = min(best_a, t1 - t0), min(best_b, t2 - t1)
-    return best_a < best_b
+        f()
+        once = min(once, time.perf_counter() - t0)
+    repeat = max(1, min(50, int(2e-4 / max(once, 1e-7))))
+    rounds = 3 if once > 1e-3 else 5
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(rounds):
+        for name, f in calls.items():
+            t0 = time.perf_counter()
+            for _ in range(repeat):
+                f()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return min(best, key=best.__getitem__)
 
 
 def choices() -> dict[str, str]:
     """The backend each product shape raced so far runs on, for reports: {key: backend}."""
-    return {
-        " ".join(map(str, key)): "onednn" if won else "torch"
-        for key, won in _onednn_won.items()
-    }
+    return {" ".join(map(str, key)): name for key, name in _winner.items()}
 
 
 def _layout(t: Tensor) -> str:
@@ -129,7 +138,8 @@ def mm_nt(x: Tensor, w: Tensor, bias: Tensor | None = None, other: Tensor | None
                 x_in = empty(tuple(x.shape), x).copy_(x)
             return lin(x_in, w, bias)
 
-        if _use_onednn(key, lambda: (on_onednn, lambda: torch.mm(x, w.t()))):
+        race = lambda: {"onednn": on_onednn, "torch": lambda: torch.mm(x, w.t())}  # noqa: E731
+        if _choose(key, ("onednn", "torch"), race) == "onednn":
             out = on_onednn()
             # oneDNN's fused "+ other" (binary post-op) measured slower than a separate add_.
             return out if other is None else out.add_(other)
@@ -148,29 +158,42 @@ def step_gemm_fns(
     the two differ (bf16 GEMMs in a float32 loop, :mod:`.precision`) ``lin(x, None)`` is the
     bf16 product and the sums with ``b`` and ``other`` are float32. The weight is laid out
     once per sequence for the backend that runs the products: oneDNN's blocked layout (the
-    plain call would re-lay the weight out at every step), or row-major (K, N) for torch's
-    (faster than the transposed view); which backend is decided by :func:`_race` per shape.
+    plain call would re-lay the weight out at every step), row-major (K, N) for torch's
+    (faster than the transposed view), or MKL's packed panels; which backend is decided by
+    :func:`_fastest` per shape.
     """
     w = _dense(w)
     lin = onednn.linear_op(w.dtype) if onednn_possible(w, rows) else None
-    if lin is not None:
-        op = lin
+    names = ("torch", *(("onednn",) if lin is not None else ()),
+             *(("mkl",) if _mkl_possible(w, rows) else ()))
+    if len(names) > 1:
+        op, packed_op = lin, mkl.packed_linear()
 
-        def laid_out(for_onednn: bool) -> Tensor:
-            if not for_onednn:
-                return w.t().contiguous()
+        def laid_out(name: str) -> Tensor:
+            if name == "torch":
+                return w.t().contiguous()  # row-major (K, N)
+            if name == "mkl":
+                return mkl.pack(w, rows)
             return onednn.reorder(w, rows) if onednn.packing_works(w.dtype) else w
 
-        def race():
-            w_onednn, w_kn = laid_out(True), laid_out(False)
+        def race() -> dict[str, Thunk]:
             x = w.new_full((rows, w.shape[1]), 0.5)  # any values do (and no RNG draws)
-            return lambda: op(x, w_onednn, None), lambda: torch.mm(x, w_kn)
+            ws = {name: laid_out(name) for name in names}
+            calls: dict[str, Thunk] = {"torch": lambda: torch.mm(x, ws["torch"])}
+            if "onednn" in ws:
+                calls["onednn"] = lambda: op(x, ws["onednn"], None)
+            if "mkl" in ws:
+                calls["mkl"] = lambda: packed_op(x, ws["mkl"], w, rows)
+            return calls
 
         key = ("step", w.dtype, rows, w.shape[1], w.shape[0], torch.get_num_threads())
-        if _use_onednn(key, race):
-            w = laid_out(True)
+        name = _choose(key, names, race)
+        if name == "mkl":
+            return _packed_fns(packed_op, laid_out("mkl"), w, rows, like)
+        if name == "onednn":
+            w = laid_out("onednn")
         else:
-            lin, w = None, laid_out(False).t()  # torch.mm(x, w.t()) reads the row-major copy
+            lin, w = None, laid_out("torch").t()  # torch.mm(x, w.t()) reads the row-major copy
     if w.dtype != like.dtype:
 
         def product(x: Tensor) -> Tensor:
@@ -185,6 +208,15 @@ def step_gemm_fns(
     return (
         lambda x, b: torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t()),
         lambda x, other: torch.addmm(other, x, w.t()),
+    )
+
+
+def _packed_fns(op, packed: Tensor, w: Tensor, rows: int, like: Tensor):
+    """:func:`step_gemm_fns`'s pair on MKL's packed GEMM (float32 products, ``like`` float32
+    or float64 never reaches here: :func:`_mkl_possible`)."""
+    return (
+        lambda x, b: op(x, packed, w, rows) if b is None else op(x, packed, w, rows).add_(b),
+        lambda x, other: op(x, packed, w, rows).add_(other),
     )
 
 

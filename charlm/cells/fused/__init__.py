@@ -5,10 +5,10 @@ projection of every step as one GEMM (:mod:`.gemm`), then the recurrence as an a
 Function with a hand-written backward through time (:mod:`.bptt`) over a forward time loop
 (:mod:`.scan`), or the loop alone when no gradient is needed. :mod:`.sampling` is the
 one-step path. Under CPU bf16 autocast the GEMMs run in bf16 and the rest in float32
-(:mod:`.precision`). Private torch APIs live in three files only: :mod:`.onednn` (oneDNN's
-GEMM), :mod:`.workspace` (storage use counts, for buffer recycling) and :mod:`.inductor`
-(compiled step kernels). Nothing here imports the layers or the cells; the tests hold every
-path to the equations and to torch.nn.
+(:mod:`.precision`). Private torch APIs live in four files only: :mod:`.onednn` (oneDNN's
+GEMM), :mod:`.mkl` (MKL's packed GEMM), :mod:`.workspace` (storage use counts, for buffer
+recycling) and :mod:`.inductor` (compiled step kernels). Nothing here imports the layers or
+the cells; the tests hold every path to the equations and to torch.nn.
 
 ``rows`` (optional everywhere) describes a packed batch: see :mod:`.scan`.
 """

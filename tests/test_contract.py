@@ -380,6 +380,18 @@ def test_packed_input_matches_torch(kind, fused, case):
     check_packed(kind, fused, case)
 
 
+@pytest.mark.parametrize("backend", ["onednn", "torch", "mkl"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_packed_input_matches_torch_on_each_gemm_backend(kind, backend, monkeypatch):
+    """A packed batch's shrinking steps on every GEMM backend (MKL's packing is for the
+    full row count: shorter steps must not use it)."""
+    from charlm.cells.fused import gemm
+
+    monkeypatch.setattr(gemm, "BACKEND", backend)
+    monkeypatch.setattr(gemm, "ONEDNN_MIN_ROWS", 2)  # let the tiny batch reach every backend
+    check_packed(kind, True, PACKED_CASES[0].values[0])
+
+
 @pytest.mark.parametrize("case", PACKED_PROJ_CASES)
 @pytest.mark.parametrize("fused", FUSED)
 def test_lstm_projection_packed_input_matches_torch(fused, case):

@@ -189,7 +189,7 @@ def step_gemm_fns(
         key = ("step", w.dtype, rows, w.shape[1], w.shape[0], torch.get_num_threads())
         name = _choose(key, names, race)
         if name == "mkl":
-            return _packed_fns(packed_op, laid_out("mkl"), w, rows, like)
+            return _packed_fns(packed_op, laid_out("mkl"), w, rows)
         if name == "onednn":
             w = laid_out("onednn")
         else:
@@ -211,12 +211,17 @@ def step_gemm_fns(
     )
 
 
-def _packed_fns(op, packed: Tensor, w: Tensor, rows: int, like: Tensor):
-    """:func:`step_gemm_fns`'s pair on MKL's packed GEMM (float32 products, ``like`` float32
-    or float64 never reaches here: :func:`_mkl_possible`)."""
+def _packed_fns(op, packed: Tensor, w: Tensor, rows: int):
+    """:func:`step_gemm_fns`'s pair on MKL's packed GEMM (float32 products and loop:
+    :func:`_mkl_possible`). A packed batch's shorter steps (fewer than ``rows`` rows) take
+    torch's GEMM: the packing is for ``rows``."""
+
+    def product(x: Tensor) -> Tensor:
+        return op(x, packed, w, rows) if x.shape[0] == rows else torch.mm(x, w.t())
+
     return (
-        lambda x, b: op(x, packed, w, rows) if b is None else op(x, packed, w, rows).add_(b),
-        lambda x, other: op(x, packed, w, rows).add_(other),
+        lambda x, b: product(x) if b is None else product(x).add_(b),
+        lambda x, other: product(x).add_(other),
     )
 
 

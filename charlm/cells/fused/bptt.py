@@ -17,6 +17,8 @@ projection's bias, kept out of a bf16 ``xg``) gets its gradient from the float32
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -302,6 +304,21 @@ class GRURecurrence(torch.autograd.Function):
         return _gru_backward_eager(ctx, dhs, *saved)
 
 
+def _gru_bias_grads(ctx, sums: Callable[[], tuple[Tensor, Tensor, Tensor]]):
+    """(dL/db_hh, dL/dx_bias), each None where not needed, from ``sums()`` = the float32
+    sums over steps and rows of (dL/d[r, z]_pre, dL/d(hg_n), dL/dn_pre): both biases see
+    the same r and z gradients, b_hh's n part sits inside the reset gate and x_bias's
+    before it. ``sums`` runs only when either gradient is needed."""
+    need = ctx.needs_input_grad
+    want_x = ctx.bias_dtype is not None and need[-1]
+    if not (need[3] or want_x):
+        return None, None
+    rz, n_h, n_x = sums()
+    db = torch.cat((rz, n_h)).to(ctx.b_hh_dtype) if need[3] else None
+    db_x = torch.cat((rz, n_x)).to(ctx.bias_dtype) if want_x else None
+    return db, db_x
+
+
 def _gru_backward_compiled(ctx, dhs: Tensor, h0, w_hh, hs, hs_mm, rz, ns, hg_n):
     """The backward of a dense batch with one compiled kernel per step
     (:func:`.gru_step.gru_backward`: the GEMMs' operand [dr, dz, d(hg_n)] in W_hh's dtype,
@@ -337,16 +354,12 @@ def _gru_backward_compiled(ctx, dhs: Tensor, h0, w_hh, hs, hs_mm, rz, ns, hg_n):
     if need[1]:  # through step 0's GEMM, and directly (its dL/dh_0 z, in slot 0)
         dh0 = torch.mm(d_rec[0], w_hh).to(hs.dtype).add_(dh_direct[0])
     dw = dw_hh(d_rec, h0.to(w_hh.dtype), hs_mm) if need[2] else None
-    db = db_x = None
-    if need[3] or (ctx.bias_dtype is not None and need[-1]):
-        # dL/db_ih = the sum of [dr, dz, dn], dL/db_hh = that of [dr, dz, d(hg_n)]: the r
-        # and z parts are the same sums, taken once.
-        sum_x = dxg.sum(dim=(0, 1), dtype=torch.float32)
-        if need[3]:
-            db_n = d_rec[:, :, 2 * H :].sum(dim=(0, 1), dtype=torch.float32)
-            db = torch.cat((sum_x[: 2 * H], db_n)).to(ctx.b_hh_dtype)
-        if ctx.bias_dtype is not None and need[-1]:
-            db_x = sum_x.to(ctx.bias_dtype)
+    def sums() -> tuple[Tensor, Tensor, Tensor]:
+        sum_x = dxg.sum(dim=(0, 1), dtype=torch.float32)  # [dr, dz, dn]
+        sum_hgn = d_rec[:, :, 2 * H :].sum(dim=(0, 1), dtype=torch.float32)
+        return sum_x[: 2 * H], sum_hgn, sum_x[2 * H :]
+
+    db, db_x = _gru_bias_grads(ctx, sums)
     return dxg, dh0, dw, db, None, db_x
 
 
@@ -405,11 +418,13 @@ def _gru_backward_eager(ctx, dhs: Tensor, h0, w_hh, hs, hs_mm, rz, ns, hg_n):
     if need[1]:
         dh0 = torch.mm(d_rec_mm.steps[0], w_hh).to(hs.dtype).addcmul_(dh, z_l[0])
     dw = dw_hh(d_rec_mm.full, h0.to(w_hh.dtype), hs_mm) if need[2] else None
-    db = d_rec.sum(dim=(0, 1)) if need[3] or ctx.bias_dtype is not None else None
+
+    def sums() -> tuple[Tensor, Tensor, Tensor]:
+        sum_h = d_rec.sum(dim=(0, 1))  # [dr, dz, d(hg_n)], float32 here
+        return sum_h[: 2 * H], sum_h[2 * H :], dn.sum(dim=(0, 1))
+
+    db, db_x = _gru_bias_grads(ctx, sums)
     # dL/dxg = [dr_pre, dz_pre, dn_pre]: the input side meets n before the reset gate.
     dxg = empty((T, B, 3 * H), hs.new_empty((), dtype=ctx.xg_dtype))
     torch.cat((d_rec[:, :, : 2 * H], dn), dim=2, out=dxg)
-    db_x = None
-    if ctx.bias_dtype is not None and need[-1]:  # its sum over steps and rows, in float32
-        db_x = torch.cat((db[: 2 * H], dn.sum(dim=(0, 1)))).to(ctx.bias_dtype)
-    return dxg, dh0, dw, db if need[3] else None, None, db_x
+    return dxg, dh0, dw, db, None, db_x

@@ -138,7 +138,9 @@ def mm_nt(x: Tensor, w: Tensor, bias: Tensor | None = None, other: Tensor | None
                 x_in = empty(tuple(x.shape), x).copy_(x)
             return lin(x_in, w, bias)
 
-        race = lambda: {"onednn": on_onednn, "torch": lambda: torch.mm(x, w.t())}  # noqa: E731
+        def race() -> dict[str, Thunk]:
+            return {"onednn": on_onednn, "torch": lambda: torch.mm(x, w.t())}
+
         if _choose(key, ("onednn", "torch"), race) == "onednn":
             out = on_onednn()
             # oneDNN's fused "+ other" (binary post-op) measured slower than a separate add_.

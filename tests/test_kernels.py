@@ -47,31 +47,38 @@ def compiled(monkeypatch):
     return used
 
 
-def _random_args(fn, B: int, H: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    wide, narrow = (B, 4 * H), (B, H)
+# Per step function: the width (in H) of each (B, .) argument, and how many are outputs.
+_SHAPES = {
     # lstm_forward: gemm, x, c_prev, then out: 4 gates, c, h; lstm_backward: dh_rec, dh_out,
     # dc, acts, c_prev, c, then out: 4 gate gradients, dc_prev.
-    shapes = (
-        [wide, wide, narrow] + [narrow] * 6
-        if fn is lstm_step.lstm_forward
-        else [narrow, narrow, narrow, wide, narrow, narrow] + [narrow] * 5
-    )
-    return [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    lstm_step.lstm_forward: ([4, 4, 1] + [1] * 6, 6),
+    lstm_step.lstm_backward: ([1, 1, 1, 4, 1, 1] + [1] * 5, 5),
+    rnn_step.rnn_forward: ([1, 1, 1], 1),
+    rnn_step.rnn_forward_relu: ([1, 1, 1], 1),
+    rnn_step.rnn_backward: ([1, 1, 1, 1], 1),
+    rnn_step.rnn_backward_relu: ([1, 1, 1, 1], 1),
+    gru_step.gru_forward: ([3, 3, 1, 1, 1, 1, 1, 1], 5),
+    gru_step.gru_backward: ([1, 1, 1, 1, 2, 1, 1] + [1] * 7, 7),
+}
+
+
+def _random_args(fn, B: int, H: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn((B, w * H), generator=g, dtype=dtype) for w in _SHAPES[fn][0]]
 
 
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("fn", [lstm_step.lstm_forward, lstm_step.lstm_backward])
+@pytest.mark.parametrize("fn", list(_SHAPES), ids=lambda f: f.__name__)
 def test_compiled_kernel_matches_eager_reference(fn, dtype, compiled):
     args = _random_args(fn, 3, 5, dtype)
-    k = inductor.kernel(fn, *args)
+    k = inductor.kernel(fn, *args, state=args[-1])  # any (B, H) argument
     assert k is not None, "Inductor did not compile the kernel"
     want = [a.clone() for a in args]
     fn(*want)
     got = [a.clone() for a in args]
     k(*got)
-    n_out = 6 if fn is lstm_step.lstm_forward else 5
+    n_out = _SHAPES[fn][1]
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     for a, b in zip(got[-n_out:], want[-n_out:], strict=True):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
@@ -261,15 +268,6 @@ def test_old_torch_says_which_version_it_needs(monkeypatch):
 
 # ------------------------------------------------------------------ RNN and GRU kernels
 
-# Per step function: the (rows, width in H) of each argument, and how many are outputs.
-_SHAPES = {
-    rnn_step.rnn_forward: ([1, 1, 1], 1),
-    rnn_step.rnn_forward_relu: ([1, 1, 1], 1),
-    rnn_step.rnn_backward: ([1, 1, 1, 1], 1),
-    rnn_step.rnn_backward_relu: ([1, 1, 1, 1], 1),
-    gru_step.gru_forward: ([3, 3, 1, 1, 1, 1, 1, 1], 5),
-    gru_step.gru_backward: ([1, 1, 1, 1, 2, 1, 1] + [1] * 7, 7),
-}
 _LAYER_KERNELS = {  # kind -> (fp32 kernels, bf16 kernels) its training step uses
     "rnn_tanh": ({rnn_step.rnn_forward, rnn_step.rnn_backward},
                  {rnn_step.rnn_forward_mm, rnn_step.rnn_backward}),
@@ -278,27 +276,6 @@ _LAYER_KERNELS = {  # kind -> (fp32 kernels, bf16 kernels) its training step use
     "gru": ({gru_step.gru_forward, gru_step.gru_backward},
             {gru_step.gru_forward_mm, gru_step.gru_backward}),
 }
-
-
-@needs_compiler
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("fn", list(_SHAPES), ids=lambda f: f.__name__)
-def test_compiled_rnn_gru_kernels_match_eager_reference(fn, dtype, compiled):
-    widths, n_out = _SHAPES[fn]
-    g = torch.Generator().manual_seed(0)
-    B, H = 3, 5
-    args = [torch.randn((B, w * H), generator=g, dtype=dtype) for w in widths]
-    k = inductor.kernel(fn, *args, state=args[-1])
-    assert k is not None, "Inductor did not compile the kernel"
-    want = [a.clone() for a in args]
-    fn(*want)
-    got = [a.clone() for a in args]
-    k(*got)
-    tol = 1e-6 if dtype == torch.float32 else 1e-12
-    for a, b in zip(got[-n_out:], want[-n_out:], strict=True):
-        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
-    for a, b in zip(got[:-n_out], args[:-n_out], strict=True):
-        assert torch.equal(a, b)  # inputs untouched
 
 
 @needs_compiler

@@ -388,7 +388,7 @@ def test_packed_input_matches_torch_on_each_gemm_backend(kind, backend, monkeypa
     from charlm.cells.fused import gemm
 
     monkeypatch.setattr(gemm, "BACKEND", backend)
-    monkeypatch.setattr(gemm, "ONEDNN_MIN_ROWS", 2)  # let the tiny batch reach every backend
+    monkeypatch.setattr(gemm, "MIN_ROWS", 2)  # let the tiny batch reach every backend
     check_packed(kind, True, PACKED_CASES[0].values[0])
 
 

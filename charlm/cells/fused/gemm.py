@@ -39,7 +39,7 @@ if BACKEND not in _BACKENDS:
     warnings.warn(f"charlm: CHARLM_GEMM={BACKEND!r} is none of {', '.join(_BACKENDS)}; "
                   "using auto", RuntimeWarning, stacklevel=2)
     BACKEND = "auto"
-ONEDNN_MIN_ROWS = 8  # below this many rows the other backends are not even tried
+MIN_ROWS = 8  # below this many rows only torch.mm is used (the others cost more per call)
 
 # Per product kind and shape: the backend that won its race (see _fastest). Read by `charlm
 # bench --json` through choices().
@@ -50,7 +50,7 @@ def onednn_possible(t: Tensor, rows: int) -> bool:
     """Whether products with ``t``'s dtype and ``rows`` rows may run on oneDNN."""
     return (
         BACKEND != "torch"
-        and rows >= ONEDNN_MIN_ROWS
+        and rows >= MIN_ROWS
         and t.dtype in (torch.float32, torch.bfloat16)
         and t.device.type == "cpu"
         and onednn.linear_op(t.dtype) is not None
@@ -60,7 +60,7 @@ def onednn_possible(t: Tensor, rows: int) -> bool:
 def _mkl_possible(w: Tensor, rows: int) -> bool:
     """Whether per-step products with ``w`` may run on MKL's packed GEMM (float32 only)."""
     return (
-        rows >= ONEDNN_MIN_ROWS
+        rows >= MIN_ROWS
         and w.dtype == torch.float32
         and w.device.type == "cpu"
         and mkl.packed_linear() is not None

@@ -716,6 +716,28 @@ def test_gemm_backend_race_picks_the_faster_and_remembers(monkeypatch):
     assert calls == [1]
 
 
+def test_input_projection_output_and_input_gradient_are_recycled(monkeypatch):
+    """On torch's GEMM the projection writes into workspace buffers (fresh memory costs a
+    page fault per 4 KiB), and its output still takes an in-place write, as the LSTM's
+    projection path makes one, with the gradients of a plain autograd addmm."""
+    monkeypatch.setattr(gemm, "BACKEND", "torch")
+    g = torch.Generator().manual_seed(3)
+    x, w, b = (torch.randn(s, generator=g) for s in ((40, 16), (24, 16), (24,)))
+    dy = torch.randn(40, 24, generator=g)
+    grads = []
+    for fn in (gemm._Projection.apply, lambda x, w, b: torch.addmm(b, x, w.t())):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = fn(*leaves)
+        y[0] += 1.0
+        (y * dy).sum().backward()
+        grads.append([y.detach(), *(t.grad for t in leaves)])
+        if len(grads) == 1:
+            pooled = {t.data_ptr() for bases in WORKSPACE._bases.values() for t in bases}
+            assert y.data_ptr() in pooled and leaves[0].grad.data_ptr() in pooled
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
 def test_a_bad_gemm_backend_setting_warns_and_races():
     import subprocess
     import sys

@@ -121,14 +121,36 @@ def _dense(t: Tensor) -> Tensor:
     return t if t.is_contiguous() or t.t().is_contiguous() else t.contiguous()
 
 
-def mm_nt(x: Tensor, w: Tensor, bias: Tensor | None = None, other: Tensor | None = None) -> Tensor:
-    """``x @ w.T (+ bias) (+ other)`` for large operands."""
+def recycled(rows: int, cols: int, like: Tensor) -> Tensor:
+    """An uninitialised (rows, cols) tensor in a recycled buffer (:mod:`.workspace`: fresh
+    memory of this size costs a page fault per 4 KiB, ~5 ms for an LSTM layer's input
+    projection here). ``detach()`` makes it a plain alias rather than a view, so that
+    autograd lets callers write in place into a custom Function's output made in it; it
+    still counts as a use of the buffer."""
+    return empty((rows, cols), like).detach()
+
+
+def mm_nt(
+    x: Tensor, w: Tensor, bias: Tensor | None = None, other: Tensor | None = None,
+    recycle: bool = False,
+) -> Tensor:
+    """``x @ w.T (+ bias) (+ other)`` for large operands; with ``recycle`` the result
+    lands in a recycled buffer (:func:`recycled`) where the backend lets it."""
     w = _dense(w)
+
+    def on_torch() -> Tensor:
+        out = recycled(x.shape[0], w.shape[0], x) if recycle else None
+        if other is not None:
+            return torch.addmm(other if bias is None else other + bias, x, w.t(), out=out)
+        if bias is None:
+            return torch.mm(x, w.t(), out=out)
+        return torch.addmm(bias, x, w.t(), out=out)
+
     if onednn_possible(x, x.shape[0]):
         lin = onednn.linear_op(x.dtype)
         assert lin is not None
         key = ("mm_nt", x.dtype, *x.shape, w.shape[0], _layout(x), _layout(w),
-               torch.get_num_threads())
+               bias is not None, torch.get_num_threads())
 
         def on_onednn() -> Tensor:
             x_in = x
@@ -138,16 +160,14 @@ def mm_nt(x: Tensor, w: Tensor, bias: Tensor | None = None, other: Tensor | None
                 x_in = empty(tuple(x.shape), x).copy_(x)
             return lin(x_in, w, bias)
 
-        def race() -> dict[str, Thunk]:
-            return {"onednn": on_onednn, "torch": lambda: torch.mm(x, w.t())}
+        def race() -> dict[str, Thunk]:  # each as it would run, bias included
+            return {"onednn": on_onednn, "torch": on_torch}
 
         if _choose(key, ("onednn", "torch"), race) == "onednn":
             out = on_onednn()
             # oneDNN's fused "+ other" (binary post-op) measured slower than a separate add_.
             return out if other is None else out.add_(other)
-    if other is not None:
-        return torch.addmm(other, x, w.t()) if bias is None else torch.addmm(other + bias, x, w.t())
-    return torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
+    return on_torch()
 
 
 def step_gemm_fns(
@@ -235,7 +255,7 @@ class _Projection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, w)
-        return mm_nt(x, w, b)
+        return mm_nt(x, w, b, recycle=True)
 
     @staticmethod
     @once_differentiable
@@ -243,7 +263,7 @@ class _Projection(torch.autograd.Function):
         x, w = ctx.saved_tensors
         need = ctx.needs_input_grad
         dy = dy.contiguous()
-        dx = mm_nt(dy, w.t()) if need[0] else None  # (N, G) @ (G, I)
+        dx = mm_nt(dy, w.t(), recycle=True) if need[0] else None  # (N, G) @ (G, I)
         dw = mm_nt(x.t(), dy.t()).t() if need[1] else None  # (x^T dy)^T = dy^T x: (G, I)
         db = dy.sum(0) if need[2] else None
         return dx, dw, db

@@ -93,8 +93,8 @@ class GemmCopy:
         if self.copies:
             self.full = empty(tuple(buf.shape), like)
             zero_finished(self.full, rows)
-        self._src = per_step(buf, rows)
         self.steps = per_step(self.full, rows)
+        self._src = per_step(buf, rows) if self.copies else self.steps
 
     def take(self, t: int) -> Tensor:
         """Step t's live rows in the GEMMs' dtype (copied now, when they differ)."""

@@ -11,16 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from charlm import bench
-from charlm.bench import (
-    build_recurrent_pair,
-    build_transformer,
-    format_table,
-    generate_ids,
-    quick_shape,
-    run_bench,
-    stability,
-)
+from charlm.bench import format_table, models, quick_shape, run_bench
+from charlm.bench.models import build_recurrent_pair, build_transformer
+from charlm.bench.run import stability
+from charlm.bench.timing import generate_ids
 from charlm.cli import app
 
 # the bare-layer groups: bidirectional for LSTM and GRU, packed input for every cell
@@ -162,7 +156,7 @@ def test_a_failing_group_is_reported_and_the_others_still_run(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel for this dtype")
 
-    monkeypatch.setitem(bench.NN_BODIES, "gru", broken)
+    monkeypatch.setitem(models.NN_BODIES, "gru", broken)
     result = run_bench(CPU, ["gru", "rnn"], quick_shape(), repeats=1, steps=1, progress=False,
                        precision="fp32")
     assert [f["group"] for f in result["failures"]] == [

@@ -21,6 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from charlm import bench, compare, device, sample
 from charlm import train as training
+from charlm.bench import run as bench_run
+from charlm.bench import timing as bench_timing
 from charlm.checkpoint import load_checkpoint
 from charlm.config import load_config
 
@@ -102,7 +104,7 @@ def test_bench_compares_recurrent_pairs_in_one_precision_and_records_it(monkeypa
         entered.append(p)
         return device.autocast(dev, p)
 
-    monkeypatch.setattr(bench, "autocast", recording_autocast)
+    monkeypatch.setattr(bench_timing, "autocast", recording_autocast)
     result = bench.run_bench(torch.device("cpu"), ["lstm"], bench.quick_shape(), repeats=1,
                              steps=1, progress=False, variants=False, precision=precision)
     assert set(entered) == {precision}  # charlm and torch.nn under the same autocast, or none
@@ -120,9 +122,9 @@ def test_bench_compares_recurrent_pairs_in_one_precision_and_records_it(monkeypa
 def test_the_transformer_trains_as_charlm_train_would(monkeypatch, native):
     entered = []
     monkeypatch.setattr(device, "bf16_native", lambda dev: native)
-    monkeypatch.setattr(bench, "bf16_native", lambda dev: native)
-    monkeypatch.setattr(bench, "autocast", lambda dev, p: entered.append(p) or device.autocast(
-        dev, p))
+    monkeypatch.setattr(bench_run, "bf16_native", lambda dev: native)
+    monkeypatch.setattr(bench_timing, "autocast",
+                        lambda dev, p: entered.append(p) or device.autocast(dev, p))
     result = bench.run_bench(torch.device("cpu"), ["transformer"], bench.quick_shape(),
                              repeats=1, steps=1, progress=False)
     want = "bf16" if native else "fp32"  # train.precision auto, resolved for this device

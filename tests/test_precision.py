@@ -29,6 +29,7 @@ from torch import nn
 
 from charlm import bench, cells
 from charlm import device as dev
+from charlm.bench import run as bench_run
 from charlm.cells.fused import precision as fused_precision
 from tests.conftest import invoke, sets, tiny_overrides
 
@@ -234,12 +235,12 @@ def test_eval_and_sample_run_a_bf16_run(tmp_path, corpus, cell, monkeypatch):
 
 
 def test_bench_precision_parses_and_bad_values_name_the_flag(monkeypatch):
-    monkeypatch.setattr(bench, "bf16_native", lambda device: True)
+    monkeypatch.setattr(bench_run, "bf16_native", lambda device: True)
     monkeypatch.setattr(dev, "bf16_native", lambda device: True)
     assert bench.bench_precisions("auto", CPU) == (["fp32", "bf16"], "bf16")
     assert bench.bench_precisions("fp32", CPU) == (["fp32"], "fp32")
     assert bench.bench_precisions("bf16", CPU) == (["bf16"], "bf16")
-    monkeypatch.setattr(bench, "bf16_native", lambda device: False)
+    monkeypatch.setattr(bench_run, "bf16_native", lambda device: False)
     monkeypatch.setattr(dev, "bf16_native", lambda device: False)
     assert bench.bench_precisions("auto", CPU) == (["fp32"], "fp32")
     result = invoke("bench", "--quick", "--device", "cpu", "--precision", "fp16")
@@ -249,7 +250,7 @@ def test_bench_precision_parses_and_bad_values_name_the_flag(monkeypatch):
 
 
 def test_bench_times_both_precisions_in_one_group_and_records_them(monkeypatch):
-    monkeypatch.setattr(bench, "bf16_native", lambda device: True)
+    monkeypatch.setattr(bench_run, "bf16_native", lambda device: True)
     result = bench.run_bench(CPU, ["lstm"], bench.quick_shape(), repeats=1, steps=1,
                              progress=False, variants=False)
     trains = {c["name"]: c["precision"] for c in result["contenders"] if c["task"] == "train"}
@@ -267,7 +268,7 @@ def test_bench_times_both_precisions_in_one_group_and_records_them(monkeypatch):
 
 
 def test_bench_times_a_min_cell_in_both_precisions_against_its_classic_cell(monkeypatch):
-    monkeypatch.setattr(bench, "bf16_native", lambda device: True)
+    monkeypatch.setattr(bench_run, "bf16_native", lambda device: True)
     result = bench.run_bench(CPU, ["mingru"], bench.quick_shape(), repeats=1, steps=1,
                              progress=False, variants=False)
     trains = {c["name"]: c["precision"] for c in result["contenders"] if c["task"] == "train"}

@@ -14,7 +14,6 @@ per-rank RNG, data position and hidden state are gathered into its checkpoints.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import random
@@ -32,36 +31,23 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
-from . import distributed
-from .config import Config, apply_overrides, config_to_yaml, from_dict, load_config, validate
+from . import distributed, runs
+from .cells.fused import gemm
+from .config import Config, config_to_yaml
 from .data import (
     RandomBatcher,
     StreamBatcher,
-    absolute_source,
-    check_corpus,
-    check_lengths,
     eval_batches,
-    load_dataset,
-    missing_corpus,
 )
 from .device import (
     autocast,
     configure_math,
-    cuda_rng_state,
     resolve_device,
     resolve_precision,
-    set_cuda_rng_state,
 )
 from .evaluate import bits_per_char, estimate_loss
-from .model import build_model, count_parameters, detach_state, map_state
+from .model import build_model, detach_state, map_state
 from .sample import generate
-
-METRIC_FIELDS = ["step", "elapsed_s", "train_loss", "val_loss", "val_bpc", "lr", "grad_norm",
-                 "tokens_per_s"]
-# Keys that must not change on --resume: the data order and the model depend on them.
-RESUME_LOCKED = ["data.source", "data.val_fraction", "model.*", "train.batch_size",
-                 "train.seq_len", "train.seed", "train.stateful"]
-
 
 # With train.skip_nonfinite, this many non-finite steps in a row stop training: the weights
 # themselves have diverged and every further step would be skipped too (an endless loop).
@@ -119,46 +105,6 @@ def make_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.opt
     return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.99), fused=fused or None)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def check_resume_compatible(saved: Config, new: Config) -> None:
-    """Refuse a resume whose config changes the model or the data order."""
-    a, b = _flat(saved.to_dict()), _flat(new.to_dict())
-    changed = [k for k in a if a[k] != b.get(k) and any(
-        k == lock or (lock.endswith(".*") and k.startswith(lock[:-1])) for lock in RESUME_LOCKED)]
-    if changed:
-        details = ", ".join(f"{k}: {a[k]!r} -> {b[k]!r}" for k in changed)
-        raise ValueError(
-            f"cannot resume with a different config ({details}); resume with the run's own "
-            "config (omit --config) or start a new run with --name"
-        )
-
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":  # this run's own GPU only: a resume may see fewer GPUs
-        state["cuda"] = cuda_rng_state(device)
-    return state
-
-
-def _rank_part(ckpt: dict, ctx: distributed.Context) -> dict:
-    """This rank's RNG state, data position and hidden state from a checkpoint: plain values
-    when it was written by one process, lists indexed by rank when by several."""
-    keys = ("rng", "data_state", "hidden_state")
-    return {k: ckpt[k][ctx.rank] if ctx.active else ckpt[k] for k in keys}
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and "cuda" in state:
-        set_cuda_rng_state(state["cuda"], device)
-
 
 class BudgetBar:
     """The progress bar of the budget that will end the run first: steps (`train.max_steps`)
@@ -215,23 +161,6 @@ def _graceful_stop():
             signal.signal(s, h)
 
 
-def _write_metrics(path: Path, row: dict) -> None:
-    if not distributed.is_main():  # one metrics file, written by rank 0
-        return
-    with open(path, "a", newline="", encoding="utf-8") as f:
-        csv.DictWriter(f, METRIC_FIELDS).writerow(row)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop rows a crashed run logged after its last checkpoint."""
-    if not path.is_file():
-        return
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= step]
-    text_rows = [",".join(METRIC_FIELDS)] + [
-        ",".join(str(r.get(k, "")) for k in METRIC_FIELDS) for r in rows]
-    ckpt_io.atomic_write_text(path, "\n".join(text_rows) + "\n")
-
 
 def _fmt(x: float | None, digits: int = 4) -> str:
     return "" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
@@ -248,7 +177,7 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
     # Under torchrun: join the process group; rank 0 alone writes files and prints progress.
     ctx = distributed.setup()
     quiet = quiet or not ctx.is_main
-    run_dir, cfg, resumed = _prepare_run(cfg, runs_dir, name, resume, overrides)
+    run_dir, cfg, resumed = runs.prepare_run(cfg, runs_dir, name, resume, overrides)
     # Every rank has checked the run (the collective below waits for all); rank 0 alone then
     # creates and locks it, and its outcome is every rank's.
     lock, created, refused = None, False, distributed.broadcast_object(None)
@@ -279,66 +208,6 @@ def train(cfg: Config | None, runs_dir: str | Path = "runs", name: str | None = 
         if lock is not None:
             lock.release()
 
-
-@dataclass
-class TrainState:
-    """The loop's own state: what a checkpoint holds besides the model, the optimizer, the
-    data position and the RNGs (each saved from its own object)."""
-
-    step: int = 0
-    best_val_loss: float = math.inf
-    elapsed_s: float = 0.0  # seconds of training; evaluation excluded
-    hidden: object = None  # the carried recurrent state (None between random windows)
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "best_val_loss": self.best_val_loss,
-                "elapsed_s": self.elapsed_s}
-
-
-class MetricsLog:
-    """`metrics.csv`: one row every `log_interval` steps and one per evaluation; written by
-    rank 0 alone."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def start(self) -> None:
-        with open(self.path, "w", newline="", encoding="utf-8") as f:
-            csv.DictWriter(f, METRIC_FIELDS).writeheader()
-
-    def truncate(self, step: int) -> None:
-        _truncate_metrics(self.path, step)
-
-    def write(self, **row) -> None:
-        _write_metrics(self.path, row)
-
-
-class Checkpointer:
-    """Writes `last.pt` and `best.pt`. Saving is a collective under torchrun: every rank's
-    RNG, data position and hidden state are gathered (for an exact resume of each rank), so all
-    ranks call `save` at the same steps, and rank 0 writes the file."""
-
-    def __init__(self, ctx, run_dir: Path, runs_dir: Path, cfg: Config, ds, model, optimizer,
-                 batcher, device: torch.device) -> None:
-        self.ctx, self.run_dir, self.runs_dir, self.cfg, self.ds = ctx, run_dir, runs_dir, cfg, ds
-        self.model, self.optimizer, self.batcher, self.device = model, optimizer, batcher, device
-        self.params = count_parameters(model)
-
-    def save(self, name: str, st: TrainState) -> None:
-        ranks = distributed.all_gather_object({
-            "rng": _rng_state(self.device), "data_state": self.batcher.state_dict(),
-            "hidden_state": map_state(lambda x: x.cpu(), st.hidden)})
-        if not self.ctx.is_main:
-            return
-        per_rank = {k: [r[k] for r in ranks] for k in ranks[0]} if self.ctx.active else ranks[0]
-        ckpt_io.save_checkpoint(self.run_dir / name, {
-            "config": self.cfg.to_dict(), "vocab": self.ds.vocab.chars,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            **st.state_dict(), **per_rank, "world_size": self.ctx.world_size,
-            "params": self.params, "corpus": self.ds.identity(),
-        })
-        if name == "last.pt":  # LATEST names a run only once it has a checkpoint
-            ckpt_io.set_latest(self.runs_dir, self.run_dir)
 
 
 def train_step(fwd, model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
@@ -460,7 +329,7 @@ class DeferredChecks:
         return out
 
 
-def _stop_vote(st: TrainState, stop: dict, ctx) -> bool:
+def _stop_vote(st: runs.TrainState, stop: dict, ctx) -> bool:
     """Whether to stop after this step; under torchrun all ranks agree, and share one clock."""
     stopping = stop["stop"]
     if ctx.active:
@@ -469,7 +338,7 @@ def _stop_vote(st: TrainState, stop: dict, ctx) -> bool:
     return stopping
 
 
-def _non_finite_error(st: TrainState, t, loss_value: float, skipped: int,
+def _non_finite_error(st: runs.TrainState, t, loss_value: float, skipped: int,
                       run_dir: Path) -> NonFiniteError:
     what = "loss" if not math.isfinite(loss_value) else "gradient"
     or_skip = "; or --set train.skip_nonfinite=true to skip such steps"
@@ -481,8 +350,9 @@ def _non_finite_error(st: TrainState, t, loss_value: float, skipped: int,
         f"(now {t.grad_clip:g}), then --resume{or_skip}")
 
 
-def _evaluate(st: TrainState, model, val_batches, ds, t, device, ctx, run_dir: Path,
-              metrics: MetricsLog, saver: Checkpointer, lr: float, interactive: bool) -> float:
+def _evaluate(st: runs.TrainState, model, val_batches, ds, t, device, ctx, run_dir: Path,
+              metrics: runs.MetricsLog, saver: runs.Checkpointer, lr: float,
+              interactive: bool) -> float:
     """Validation loss, a sample into samples.txt, a metrics row, then best.pt (if better)
     and last.pt. Rank 0 scores the plain module (not the DDP wrapper: no collectives) and
     samples while the others wait in the broadcast, so all take the same best.pt decision."""
@@ -515,7 +385,7 @@ def _train(ctx, cfg: Config, runs_dir: Path, run_dir: Path, resumed: dict | None
     # auto becomes what this device does (bf16 where it multiplies bf16 natively), and that is
     # what config.yaml and the checkpoints record: the run says what it really trained in.
     t.precision = resolve_precision(t.precision, device)
-    ds = _load_checked_dataset(cfg, ctx, run_dir, resumed)
+    ds = runs.load_checked_dataset(cfg, ctx, run_dir, resumed)
 
     # ---- model, optimizer, data order
     torch.manual_seed(t.seed)
@@ -531,23 +401,24 @@ def _train(ctx, cfg: Config, runs_dir: Path, run_dir: Path, resumed: dict | None
                                               ctx.rank, ctx.world_size))
     wrapped = distributed.wrap(model, device, ctx)  # DDP: gradients all-reduced in backward
     fwd = torch.compile(wrapped) if t.compile else wrapped
-    st = TrainState()
-    metrics = MetricsLog(run_dir / "metrics.csv")
+    st = runs.TrainState()
+    metrics = runs.MetricsLog(run_dir / "metrics.csv")
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
-        mine = _rank_part(resumed, ctx)  # this rank's data position, RNG and hidden state
+        mine = runs.rank_part(resumed, ctx)  # this rank's data position, RNG, hidden state
         batcher.load_state_dict(mine["data_state"])
-        _set_rng_state(mine["rng"], device)
-        st = TrainState(resumed["step"], resumed["best_val_loss"], resumed["elapsed_s"],
-                        map_state(lambda x: x.to(device), mine["hidden_state"]))
-        _check_budget_left(run_dir, t, st.step, st.elapsed_s)
+        runs.set_rng_state(mine["rng"], device)
+        gemm.restore(mine["gemm_backends"])  # and GEMM backends
+        st = runs.TrainState(resumed["step"], resumed["best_val_loss"], resumed["elapsed_s"],
+                             map_state(lambda x: x.to(device), mine["hidden_state"]))
+        runs.check_budget_left(run_dir, t, st.step, st.elapsed_s)
         if ctx.is_main:
             metrics.truncate(st.step)
     elif ctx.is_main:  # config and metrics appear once data, model and device work
         ckpt_io.atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
         metrics.start()
-    saver = Checkpointer(ctx, run_dir, runs_dir, cfg, ds, model, optimizer, batcher, device)
+    saver = runs.Checkpointer(ctx, run_dir, runs_dir, cfg, ds, model, optimizer, batcher, device)
     val_batches = list(eval_batches(ds.val, t.batch_size, t.seq_len, t.eval_steps))
     interactive = not quiet and sys.stderr.isatty()
     bar = BudgetBar(t, st.step, st.elapsed_s, enabled=interactive)
@@ -705,88 +576,3 @@ def _train(ctx, cfg: Config, runs_dir: Path, run_dir: Path, resumed: dict | None
                        saver.params, warmup_s)
 
 
-def _load_checked_dataset(cfg: Config, ctx, run_dir: Path, resumed: dict | None):
-    """The corpus, checked against what a resumed run recorded of it. Rank 0 fills the
-    token cache, then the other ranks map it."""
-    recorded = resumed.get("corpus") if resumed is not None else None
-    try:
-        with distributed.main_first():
-            ds = load_dataset(cfg.data)
-    except FileNotFoundError:
-        if resumed is None:
-            raise
-        raise missing_corpus(cfg.data.source, recorded, "restore it to resume this run, or "
-                             "start a new run with --name") from None
-    check_lengths(ds, cfg.train.seq_len)
-    if resumed is not None:
-        distributed.check_resume_world_size(resumed.get("world_size", 1), ctx, run_dir)
-        check_corpus(ds, recorded, "restore that text to resume this run, or start a new run "
-                     "on the new text with --name")
-        if resumed["vocab"] != ds.vocab.chars:
-            raise ValueError(f"cannot resume '{run_dir}': the corpus '{cfg.data.source}' "
-                             "changed since the run started (different vocabulary)")
-    return ds
-
-
-def _prepare_run(cfg: Config | None, runs_dir: Path, name: str | None, resume: bool,
-                 overrides: list[str] | None) -> tuple[Path, Config, dict | None]:
-    """Create a new run directory, or load `last.pt` of the run to resume (nothing is lost)."""
-    ckpt_io.check_runs_dir(runs_dir)
-    if not resume:
-        if cfg is None:
-            raise ValueError("no config given: pass --config (a preset name or a YAML file)")
-        cfg = _absolute(validate(apply_overrides(cfg, overrides)))
-        if name is None:  # default names are unique even for runs started in the same second
-            name = ckpt_io.unique_name(ckpt_io.default_run_name(cfg.model.cell),
-                                       lambda n: (runs_dir / n).exists())
-            name = distributed.broadcast_object(name)  # rank 0's choice, for every rank
-        return ckpt_io.new_run_dir(runs_dir, name), cfg, None
-    if name is None:
-        run_dir = ckpt_io.find_latest(runs_dir)
-    else:
-        run_dir = runs_dir / ckpt_io.check_run_name(name)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"--resume: there is no run '{run_dir}'; start it without "
-                                "--resume, or give the --name and --runs-dir of an existing run")
-    ckpt_io.remove_stale_temp_files(run_dir)  # left by a writer that was killed mid-save
-    # best.pt is a full checkpoint too: it stands in for last.pt when a kill came between the
-    # first writes of the two.
-    source = next((run_dir / n for n in ("last.pt", "best.pt") if (run_dir / n).is_file()), None)
-    if source is None:
-        if not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(
-                f"--resume: run '{run_dir}' has no checkpoint and no config.yaml (it stopped "
-                "before training began); remove that directory or choose another --name")
-        # Stopped before its first checkpoint: nothing was learnt, and a run started over from
-        # step 0 with the same config and seed is exactly the run that was interrupted.
-        resumed, saved = None, load_config(str(run_dir / "config.yaml"))
-    else:
-        resumed = ckpt_io.load_checkpoint(source)
-        saved = validate(from_dict(resumed["config"], origin=str(source)))
-    # Keys not locked (max_steps, max_time, device, lr, ...) may change on resume.
-    new = validate(apply_overrides(cfg if cfg is not None else saved, overrides))
-    if cfg is not None:  # a config file given again names its corpus as the user typed it
-        new = _absolute(new) if _absolute(new).data.source == saved.data.source else new
-    check_resume_compatible(saved, new)
-    return run_dir, new, resumed
-
-
-def _absolute(cfg: Config) -> Config:
-    """`cfg` with `data.source` absolute (see `data.absolute_source`)."""
-    return dataclasses.replace(cfg, data=dataclasses.replace(
-        cfg.data, source=absolute_source(cfg.data.source)))
-
-
-def _check_budget_left(run_dir: Path, t, step: int, elapsed: float) -> None:
-    """A resumed run whose budget is spent would train nothing: say which budget stopped it
-    and how to extend it."""
-    resume = f"charlm train --name {run_dir.name} --runs-dir {run_dir.parent} --resume"
-    if step >= t.max_steps:
-        raise ValueError(
-            f"run '{run_dir}' has already trained its train.max_steps={t.max_steps} steps; "
-            f"to train longer: {resume} --set train.max_steps={2 * t.max_steps}")
-    if t.max_time is not None and elapsed >= t.max_time:
-        raise ValueError(
-            f"run '{run_dir}' has already used its train.max_time={t.max_time:g} s "
-            f"({elapsed:.0f} s trained); to train longer: {resume} --set "
-            f"train.max_time={2 * t.max_time:g}")

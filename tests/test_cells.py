@@ -23,6 +23,7 @@ from charlm.device import strict_fp32
 
 KINDS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
 N_IN, N_H, T = 5, 7, 6  # input size, hidden size, sequence length
+BIG = 1 << 30  # multiply-adds of a product large enough to race
 ATOL = RTOL = 1e-5
 
 
@@ -703,17 +704,38 @@ def test_gemm_backend_race_picks_the_faster_and_remembers(monkeypatch):
         return {"torch": slow, "onednn": slow, "mkl": lambda: None}
 
     names = ("torch", "onednn", "mkl")
-    assert gemm._choose(("k",), names, race) == "mkl"
-    assert gemm._choose(("k",), names, race) == "mkl"
+    assert gemm._choose(("k",), names, race, BIG) == "mkl"
+    assert gemm._choose(("k",), names, race, BIG) == "mkl"
     assert calls == [1]
     fast_torch = {"torch": lambda: None, "onednn": slow}
-    assert gemm._choose(("j",), names[:2], lambda: fast_torch) == "torch"
+    assert gemm._choose(("j",), names[:2], lambda: fast_torch, BIG) == "torch"
     assert gemm.choices() == {"k": "mkl", "j": "torch"}
     monkeypatch.setattr(gemm, "BACKEND", "onednn")
-    assert gemm._choose(("k",), names, race) == "onednn"  # forced: no race, no memory
+    assert gemm._choose(("k",), names, race, BIG) == "onednn"  # forced: no race, no memory
     monkeypatch.setattr(gemm, "BACKEND", "mkl")
-    assert gemm._choose(("k",), names[:2], race) == "torch"  # forced but not available here
+    assert gemm._choose(("k",), names[:2], race, BIG) == "torch"  # forced but not available here
     assert calls == [1]
+    monkeypatch.setattr(gemm, "BACKEND", "auto")
+    assert gemm._choose(("small",), names, race, gemm.RACE_MIN_MACS - 1) == "torch"
+    assert calls == [1] and "small" not in gemm.choices()  # too small to race: torch's
+
+
+def test_restored_gemm_choices_skip_the_race(monkeypatch):
+    """A checkpoint's choices (gemm.restore) are taken as they are; entries that are not
+    {text: known backend}, or a backend this product cannot use, are not."""
+    monkeypatch.setattr(gemm, "BACKEND", "auto")
+    monkeypatch.setattr(gemm, "_winner", {})
+    gemm.restore({"a": "onednn", "b": "mkl", "c": "cuda", 7: "torch"})
+    assert gemm.choices() == {"a": "onednn", "b": "mkl"}
+    gemm.restore(["not", "a", "dict"])
+    assert gemm.choices() == {"a": "onednn", "b": "mkl"}
+
+    def race():
+        raise AssertionError("a restored choice must not race")
+
+    assert gemm._choose(("a",), ("torch", "onednn"), race, BIG) == "onednn"
+    fast = {"torch": lambda: None, "onednn": lambda: __import__("time").sleep(1e-3)}
+    assert gemm._choose(("b",), ("torch", "onednn"), lambda: fast, BIG) == "torch"
 
 
 def test_input_projection_output_and_input_gradient_are_recycled(monkeypatch):
@@ -755,8 +777,10 @@ def test_gemm_race_draws_no_random_numbers(monkeypatch):
     whether or not its shapes were raced before."""
     monkeypatch.setattr(gemm, "BACKEND", "auto")
     monkeypatch.setattr(gemm, "_winner", {})
-    w = torch.randn(24, 16)
+    w = torch.randn(256, 128)  # products large enough to race (gemm.RACE_MIN_MACS)
     state = torch.random.get_rng_state()
-    gemm.step_gemm_fns(w, 9, w)
-    gemm.mm_nt(torch.ones(40, 16), w)
+    gemm.step_gemm_fns(w, 64, w)
+    gemm.mm_nt(torch.ones(64, 128), w)
     assert torch.equal(torch.random.get_rng_state(), state)
+    if gemm.onednn_possible(w, 64):  # there is something to race against torch's
+        assert len(gemm.choices()) == 2

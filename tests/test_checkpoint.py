@@ -11,6 +11,7 @@ import torch
 
 from charlm import checkpoint as ck
 from charlm import train as train_module
+from charlm.cells.fused import gemm
 from charlm.config import apply_overrides, load_config
 from charlm.train import TrainingInterrupted, train
 from tests.conftest import tiny_overrides
@@ -79,6 +80,20 @@ def test_resume_equals_uninterrupted(tmp_path, corpus, monkeypatch, cell, stop_a
     b = torch.load(resumed.run_dir / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.best_val_loss == full.best_val_loss
+
+
+def test_a_resume_multiplies_on_the_backends_its_run_started_on(tmp_path, corpus, monkeypatch):
+    """The GEMM race's choices go into every checkpoint and a resume takes them: a choice
+    that came out the other way in the new process would end a bit-exact resume."""
+    key = "step torch.float32 32 256 1024 2"  # a shape this tiny run never multiplies
+    monkeypatch.setattr(gemm, "_winner", {key: "mkl"})
+    run = _train(tmp_path, corpus, steps=10)
+    assert torch.load(run.run_dir / "last.pt", weights_only=True)["gemm_backends"] == {
+        key: "mkl"}
+    monkeypatch.setattr(gemm, "_winner", {})
+    train(None, runs_dir=tmp_path / "runs", name="run", resume=True,
+          overrides=["train.max_steps=12"], quiet=True)
+    assert gemm._winner == {key: "mkl"}
 
 
 def test_resume_with_another_cell_is_refused(tmp_path, corpus):

@@ -19,7 +19,7 @@ import torch
 from conftest import tiny_overrides
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from charlm import bench, compare, device, sample
+from charlm import bench, compare, device, runs, sample
 from charlm import train as training
 from charlm.bench import run as bench_run
 from charlm.bench import timing as bench_timing
@@ -59,10 +59,10 @@ class FakeCuda:
 
 def test_rng_state_holds_the_runs_own_gpu_only_and_restores_with_fewer_gpus(monkeypatch):
     saved_on = FakeCuda(monkeypatch, 4)
-    state = training._rng_state(torch.device("cuda", 2))
+    state = runs.rng_state(torch.device("cuda", 2))
     assert torch.equal(state["cuda"], saved_on.states[2])  # one state, not a list of four
     resumed_on = FakeCuda(monkeypatch, 1)  # CUDA_VISIBLE_DEVICES=0 at resume time
-    training._set_rng_state(state, CUDA0)
+    runs.set_rng_state(state, CUDA0)
     assert resumed_on.set_calls == [(0, [2])]
 
 
@@ -70,10 +70,10 @@ def test_an_older_checkpoints_list_of_states_restores_this_devices_entry(monkeyp
     old = {"torch": torch.get_rng_state(), "python": __import__("random").getstate(),
            "cuda": [torch.tensor([7], dtype=torch.uint8), torch.tensor([8], dtype=torch.uint8)]}
     fake = FakeCuda(monkeypatch, 1)
-    training._set_rng_state(old, CUDA0)  # saved with two GPUs, resumed with one: no IndexError
+    runs.set_rng_state(old, CUDA0)  # saved with two GPUs, resumed with one: no IndexError
     assert fake.set_calls == [(0, [7])]
     fake = FakeCuda(monkeypatch, 2)
-    training._set_rng_state(old, torch.device("cuda", 1))
+    runs.set_rng_state(old, torch.device("cuda", 1))
     assert fake.set_calls == [(1, [8])]
 
 

@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 from . import mkl, onednn
 from .workspace import empty
 
-__all__ = ["BACKEND", "choices", "dw_hh", "mm_nt", "project", "step_gemm_fns"]
+__all__ = ["BACKEND", "choices", "dw_hh", "mm_nt", "project", "restore", "step_gemm_fns"]
 
 _BACKENDS = ("auto", "onednn", "torch", "mkl")
 BACKEND = os.environ.get("CHARLM_GEMM", "auto").strip().lower()
@@ -40,10 +40,15 @@ if BACKEND not in _BACKENDS:
                   "using auto", RuntimeWarning, stacklevel=2)
     BACKEND = "auto"
 MIN_ROWS = 8  # below this many rows only torch.mm is used (the others cost more per call)
+# Products of fewer multiply-adds take torch's GEMM unraced (unless forced): they last a few
+# microseconds, where a race cannot tell the backends apart and a choice that flips between
+# processes would cost bit-identical reruns for nothing.
+RACE_MIN_MACS = 1 << 20
 
-# Per product kind and shape: the backend that won its race (see _fastest). Read by `charlm
-# bench --json` through choices().
-_winner: dict[tuple, str] = {}
+# Per product kind and shape (the key as text): the backend that won its race (see _fastest).
+# Read by `charlm bench --json` through choices(); checkpoints keep it, so that a resumed run
+# multiplies on the backends it started on (restore()).
+_winner: dict[str, str] = {}
 
 
 def onednn_possible(t: Tensor, rows: int) -> bool:
@@ -70,17 +75,21 @@ def _mkl_possible(w: Tensor, rows: int) -> bool:
 Thunk = Callable[[], object]
 
 
-def _choose(key: tuple, names: tuple[str, ...], race: Callable[[], dict[str, Thunk]]) -> str:
+def _choose(key: tuple, names: tuple[str, ...], race: Callable[[], dict[str, Thunk]],
+            macs: int) -> str:
     """The backend (one of ``names``, always including "torch") that runs the product
-    ``key`` names: forced by ``BACKEND`` where it is one of them, else the fastest of the
-    calls ``race()`` makes, one per name (:func:`_fastest`), run the first time ``key`` is
-    seen and remembered."""
+    ``key`` names, of ``macs`` multiply-adds: forced by ``BACKEND`` where it is one of them,
+    else torch's below ``RACE_MIN_MACS``, else the fastest of the calls ``race()`` makes, one
+    per name (:func:`_fastest`), run the first time ``key`` is seen and remembered."""
     if BACKEND != "auto":
         return BACKEND if BACKEND in names else "torch"
-    found = _winner.get(key)
-    if found is None:
+    if macs < RACE_MIN_MACS:
+        return "torch"
+    text = " ".join(map(str, key))
+    found = _winner.get(text)
+    if found not in names:  # not raced yet (or restored from a machine that had another)
         with torch.no_grad():
-            found = _winner[key] = _fastest(race())
+            found = _winner[text] = _fastest(race())
     return found
 
 
@@ -107,8 +116,17 @@ def _fastest(calls: dict[str, Thunk]) -> str:
 
 
 def choices() -> dict[str, str]:
-    """The backend each product shape raced so far runs on, for reports: {key: backend}."""
-    return {" ".join(map(str, key)): name for key, name in _winner.items()}
+    """The backend each product shape raced so far runs on: {key: backend}."""
+    return dict(_winner)
+
+
+def restore(saved: object) -> None:
+    """Take the choices a checkpoint recorded (:func:`choices`) as this process's, so that
+    a resumed run multiplies on the backends it started on, bit for bit. Anything that is not
+    a {key: backend} of known backends is ignored (a product then races as usual)."""
+    if isinstance(saved, dict):
+        _winner.update({k: v for k, v in saved.items()
+                        if isinstance(k, str) and v in _BACKENDS[1:]})
 
 
 def _layout(t: Tensor) -> str:
@@ -163,7 +181,8 @@ def mm_nt(
         def race() -> dict[str, Thunk]:  # each as it would run, bias included
             return {"onednn": on_onednn, "torch": on_torch}
 
-        if _choose(key, ("onednn", "torch"), race) == "onednn":
+        macs = x.shape[0] * x.shape[1] * w.shape[0]
+        if _choose(key, ("onednn", "torch"), race, macs) == "onednn":
             out = on_onednn()
             # oneDNN's fused "+ other" (binary post-op) measured slower than a separate add_.
             return out if other is None else out.add_(other)
@@ -209,7 +228,7 @@ def step_gemm_fns(
             return calls
 
         key = ("step", w.dtype, rows, w.shape[1], w.shape[0], torch.get_num_threads())
-        name = _choose(key, names, race)
+        name = _choose(key, names, race, rows * w.shape[1] * w.shape[0])
         if name == "mkl":
             return _packed_fns(packed_op, laid_out("mkl"), w, rows)
         if name == "onednn":

@@ -95,16 +95,18 @@ def _choose(key: tuple, names: tuple[str, ...], race: Callable[[], dict[str, Thu
 
 def _fastest(calls: dict[str, Thunk]) -> str:
     """The name of the fastest call: after one warm-up call each, the best of a few
-    interleaved timings, each of enough calls to last ~0.2 ms (so that a per-step product
+    interleaved timings, each of enough calls to last ~0.5 ms (so that a per-step product
     of tens of microseconds is timed above the clock's noise). Interleaving and the best
-    time keep a drifting or briefly busy machine from favouring any."""
+    time keep a drifting or briefly busy machine from favouring any. Short calls get seven
+    rounds: with five, two bench runs on one machine picked different backends for the bf16
+    per-step product, which alone measure 42 and 49 us."""
     once = float("inf")
     for f in calls.values():
         t0 = time.perf_counter()
         f()
         once = min(once, time.perf_counter() - t0)
-    repeat = max(1, min(50, int(2e-4 / max(once, 1e-7))))
-    rounds = 3 if once > 1e-3 else 5
+    repeat = max(1, min(100, int(5e-4 / max(once, 1e-7))))
+    rounds = 3 if once > 1e-3 else 7
     best = dict.fromkeys(calls, float("inf"))
     for _ in range(rounds):
         for name, f in calls.items():

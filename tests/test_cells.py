@@ -777,10 +777,43 @@ def test_gemm_race_draws_no_random_numbers(monkeypatch):
     whether or not its shapes were raced before."""
     monkeypatch.setattr(gemm, "BACKEND", "auto")
     monkeypatch.setattr(gemm, "_winner", {})
-    w = torch.randn(256, 128)  # products large enough to race (gemm.RACE_MIN_MACS)
+    w = torch.randn(256, 128)  # a product large enough to race (gemm.RACE_MIN_MACS)
     state = torch.random.get_rng_state()
-    gemm.step_gemm_fns(w, 64, w)
     gemm.mm_nt(torch.ones(64, 128), w)
     assert torch.equal(torch.random.get_rng_state(), state)
     if gemm.onednn_possible(w, 64):  # there is something to race against torch's
-        assert len(gemm.choices()) == 2
+        assert len(gemm.choices()) == 1
+
+
+def test_per_step_products_are_chosen_by_their_times_in_the_loop(monkeypatch):
+    """Each candidate runs whole sequences in turn (the one with the fewest timings next),
+    every product timed, until each has TRIAL_CALLS timings; then the lowest median wins and
+    stays. Forced, too small, or already chosen (restored): no trial."""
+    monkeypatch.setattr(gemm, "BACKEND", "auto")
+    monkeypatch.setattr(gemm, "_winner", {})
+    monkeypatch.setattr(gemm, "_trials", {})
+    monkeypatch.setattr(gemm, "TRIAL_CALLS", 3)
+    names, big = ("torch", "onednn", "mkl"), gemm.RACE_MIN_MACS
+    seconds = {"torch": 3e-5, "onednn": 1e-5, "mkl": 2e-5}
+    ran = []
+    for _ in range(len(names)):
+        name, record = gemm._in_loop_choice(("s",), names, big)
+        ran.append(name)
+        for _ in range(3):  # one sequence: three timed products
+            record(seconds[name])
+    assert sorted(ran) == sorted(names)  # each candidate had its turn
+    assert gemm._in_loop_choice(("s",), names, big) == ("onednn", None)
+    assert gemm.choices() == {"s": "onednn"} and not gemm._trials
+    assert gemm._in_loop_choice(("small",), names, big - 1) == ("torch", None)
+    gemm.restore({"r": "mkl"})
+    assert gemm._in_loop_choice(("r",), names, big) == ("mkl", None)
+    monkeypatch.setattr(gemm, "BACKEND", "mkl")
+    assert gemm._in_loop_choice(("t",), names[:2], big) == ("torch", None)
+    # and through step_gemm_fns: a trial's products are timed, and still right
+    monkeypatch.setattr(gemm, "BACKEND", "auto")
+    w, x = torch.randn(256, 128), torch.randn(64, 128)
+    lin, _ = gemm.step_gemm_fns(w, 64, w)
+    torch.testing.assert_close(lin(x, None), x @ w.t(), rtol=1e-5, atol=1e-4)
+    key = next(iter(gemm._trials), None)
+    if key is not None:  # there is more than torch's to choose from here
+        assert sum(len(v) for v in gemm._trials[key].values()) == 1

@@ -6,11 +6,13 @@ LSTM) and, for a time loop's per-step float32 products, MKL's packed-weight GEMM
 (:mod:`.mkl`, the weight packed once per sequence). Which is fastest depends on the CPU and
 the shape: oneDNN's fp32 GEMM is up to 2x faster than MKL's on one AMD EPYC, MKL's up to
 1.9x faster than oneDNN's on one Intel Xeon (figures per machine in docs/performance.md). So
-nothing here is tuned to a CPU: the first product of each kind and shape (per dtype, operand
+nothing here is tuned to a CPU: the first large product of each shape (per dtype, operand
 layout and thread count) is run on every candidate, interleaved, best of a few calls
-(:func:`_fastest`, a few milliseconds once per shape and process), and that shape keeps the
-winner. ``BACKEND`` (env ``CHARLM_GEMM``: ``auto``, ``onednn``, ``torch`` or ``mkl``) forces
-one where it applies, for reproducibility or debugging. CUDA, float64, tiny batches and
+(:func:`_fastest`, a few milliseconds once per shape and process), and a time loop's
+per-step products are timed inside the loop, each candidate in turn
+(:func:`_in_loop_choice`); each shape keeps its winner. ``BACKEND`` (env ``CHARLM_GEMM``:
+``auto``, ``onednn``, ``torch`` or ``mkl``) forces one where it applies, for reproducibility
+or debugging. CUDA, float64, tiny batches and
 builds without the private ops always take torch's. Every function here computes a plain
 ``x @ w.T (+ b)``, in its operands' dtype (bf16 GEMMs accumulate in float32 inside the
 kernel: see :mod:`.precision`); the layer tests hold the results to torch.nn on each
@@ -20,6 +22,7 @@ backend.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -49,6 +52,13 @@ RACE_MIN_MACS = 1 << 20
 # Read by `charlm bench --json` through choices(); checkpoints keep it, so that a resumed run
 # multiplies on the backends it started on (restore()).
 _winner: dict[str, str] = {}
+# A time loop's per-step products are chosen in the loop itself: each candidate runs whole
+# sequences in turn, every product timed, until each has TRIAL_CALLS timings; the lowest median
+# wins. Raced alone, back to back with hot operands, the LSTM's and GRU's bf16 per-step products
+# mostly went to torch's GEMM, which made their training steps 3-6% slower than oneDNN's does
+# in the loop (docs/performance.md).
+TRIAL_CALLS = 256
+_trials: dict[str, dict[str, list[float]]] = {}  # key text -> candidate -> seconds per call
 
 
 def onednn_possible(t: Tensor, rows: int) -> bool:
@@ -95,11 +105,9 @@ def _choose(key: tuple, names: tuple[str, ...], race: Callable[[], dict[str, Thu
 
 def _fastest(calls: dict[str, Thunk]) -> str:
     """The name of the fastest call: after one warm-up call each, the best of a few
-    interleaved timings, each of enough calls to last ~0.5 ms (so that a per-step product
-    of tens of microseconds is timed above the clock's noise). Interleaving and the best
-    time keep a drifting or briefly busy machine from favouring any. Short calls get seven
-    rounds: with five, two bench runs on one machine picked different backends for the bf16
-    per-step product, which alone measure 42 and 49 us."""
+    interleaved timings (seven for calls under 1 ms, three above), each of enough calls to
+    last ~0.5 ms, above the clock's noise. Interleaving and the best time keep a drifting or
+    briefly busy machine from favouring any."""
     once = float("inf")
     for f in calls.values():
         t0 = time.perf_counter()
@@ -202,8 +210,8 @@ def step_gemm_fns(
     bf16 product and the sums with ``b`` and ``other`` are float32. The weight is laid out
     once per sequence for the backend that runs the products: oneDNN's blocked layout (the
     plain call would re-lay the weight out at every step), row-major (K, N) for torch's
-    (faster than the transposed view), or MKL's packed panels; which backend is decided by
-    :func:`_fastest` per shape.
+    (faster than the transposed view), or MKL's packed panels; which backend is decided per
+    shape in the loop itself (:func:`_in_loop_choice`).
     """
     w = _dense(w)
     lin = onednn.linear_op(w.dtype) if onednn_possible(w, rows) else None
@@ -219,24 +227,59 @@ def step_gemm_fns(
                 return mkl.pack(w, rows)
             return onednn.reorder(w, rows) if onednn.packing_works(w.dtype) else w
 
-        def race() -> dict[str, Thunk]:
-            x = w.new_full((rows, w.shape[1]), 0.5)  # any values do (and no RNG draws)
-            ws = {name: laid_out(name) for name in names}
-            calls: dict[str, Thunk] = {"torch": lambda: torch.mm(x, ws["torch"])}
-            if "onednn" in ws:
-                calls["onednn"] = lambda: op(x, ws["onednn"], None)
-            if "mkl" in ws:
-                calls["mkl"] = lambda: packed_op(x, ws["mkl"], w, rows)
-            return calls
-
         key = ("step", w.dtype, rows, w.shape[1], w.shape[0], torch.get_num_threads())
-        name = _choose(key, names, race, rows * w.shape[1] * w.shape[0])
+        name, record = _in_loop_choice(key, names, rows * w.shape[1] * w.shape[0])
         if name == "mkl":
-            return _packed_fns(packed_op, laid_out("mkl"), w, rows)
-        if name == "onednn":
-            w = laid_out("onednn")
-        else:
-            lin, w = None, laid_out("torch").t()  # torch.mm(x, w.t()) reads the row-major copy
+            fns = _packed_fns(packed_op, laid_out("mkl"), w, rows)
+        elif name == "onednn":
+            fns = _plain_fns(op, laid_out("onednn"), like)
+        else:  # torch.mm(x, w.t()) reads the row-major copy
+            fns = _plain_fns(None, laid_out("torch").t(), like)
+        return fns if record is None else _timed(fns, record)
+    return _plain_fns(lin, w, like)
+
+
+def _in_loop_choice(key: tuple, names: tuple[str, ...], macs: int):
+    """(backend, record) for a time loop's per-step products of ``key``: forced, too small to
+    choose (torch's), or chosen (``record`` None); else, while the trial lasts, the candidate
+    with the fewest timings so far and ``record(seconds)`` for each of its products' times.
+    The trial ends at the first call after every candidate has ``TRIAL_CALLS`` of them."""
+    if BACKEND != "auto":
+        return (BACKEND if BACKEND in names else "torch"), None
+    text = " ".join(map(str, key))
+    if macs < RACE_MIN_MACS:
+        return "torch", None
+    if _winner.get(text) in names:
+        return _winner[text], None
+    trial = _trials.setdefault(text, {})
+    for name in names:
+        trial.setdefault(name, [])
+    if all(len(trial[n]) >= TRIAL_CALLS for n in names):
+        _winner[text] = min(names, key=lambda n: statistics.median(trial[n]))
+        del _trials[text]
+        return _winner[text], None
+    name = min(names, key=lambda n: len(trial[n]))
+    return name, trial[name].append
+
+
+def _timed(fns, record: Callable[[float], object]):
+    """``fns`` (a ``(lin, lin_add)`` pair), each call's duration passed to ``record``."""
+
+    def timed(f):
+        def call(x: Tensor, other: Tensor | None) -> Tensor:
+            t0 = time.perf_counter()
+            out = f(x, other)
+            record(time.perf_counter() - t0)
+            return out
+
+        return call
+
+    return tuple(timed(f) for f in fns)
+
+
+def _plain_fns(lin, w: Tensor, like: Tensor):
+    """:func:`step_gemm_fns`'s pair on oneDNN's op (``lin``) or, where ``lin`` is None,
+    torch's (``w`` then may be a transposed view of a row-major copy)."""
     if w.dtype != like.dtype:
 
         def product(x: Tensor) -> Tensor:

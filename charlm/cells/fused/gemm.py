@@ -53,7 +53,7 @@ RACE_MIN_MACS = 1 << 20
 # multiplies on the backends it started on (restore()).
 _winner: dict[str, str] = {}
 # A time loop's per-step products are chosen in the loop itself: each candidate runs whole
-# sequences in turn, every product timed, until each has TRIAL_CALLS timings; the lowest median
+# sequences in turn, every step timed, until each has TRIAL_CALLS timings; the lowest median
 # wins. Raced alone, back to back with hot operands, the LSTM's and GRU's bf16 per-step products
 # mostly went to torch's GEMM, which made their training steps 3-6% slower than oneDNN's does
 # in the loop (docs/performance.md).
@@ -242,8 +242,9 @@ def step_gemm_fns(
 def _in_loop_choice(key: tuple, names: tuple[str, ...], macs: int):
     """(backend, record) for a time loop's per-step products of ``key``: forced, too small to
     choose (torch's), or chosen (``record`` None); else, while the trial lasts, the candidate
-    with the fewest timings so far and ``record(seconds)`` for each of its products' times.
-    The trial ends at the first call after every candidate has ``TRIAL_CALLS`` of them."""
+    with the fewest timings so far and ``record(seconds)`` for each of its steps' times
+    (:func:`_timed`). The trial ends at the first call after every candidate has
+    ``TRIAL_CALLS`` of them."""
     if BACKEND != "auto":
         return (BACKEND if BACKEND in names else "torch"), None
     text = " ".join(map(str, key))
@@ -263,14 +264,19 @@ def _in_loop_choice(key: tuple, names: tuple[str, ...], macs: int):
 
 
 def _timed(fns, record: Callable[[float], object]):
-    """``fns`` (a ``(lin, lin_add)`` pair), each call's duration passed to ``record``."""
+    """``fns`` (a ``(lin, lin_add)`` pair for one sequence) passing ``record`` the time from
+    each product's start to the next one's: a whole step of the loop. The product alone
+    does not tell the backends apart: the LSTM's bf16 one takes about as long on torch's
+    GEMM as on oneDNN's, but the step around it is 6% faster on oneDNN's."""
+    last = [0.0]
 
     def timed(f):
         def call(x: Tensor, other: Tensor | None) -> Tensor:
-            t0 = time.perf_counter()
-            out = f(x, other)
-            record(time.perf_counter() - t0)
-            return out
+            now = time.perf_counter()
+            if last[0]:
+                record(now - last[0])
+            last[0] = now
+            return f(x, other)
 
         return call
 

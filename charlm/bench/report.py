@@ -71,7 +71,7 @@ def format_table(result: dict) -> str:
     if backends:
         counts = ", ".join(f"{backends.count(b)} on {b}" for b in ("torch", "onednn", "mkl")
                            if b in backends)
-        notes.append(f"charlm GEMMs, by a race per product shape: {counts} (--json: "
+        notes.append(f"charlm GEMMs, timed per product shape: {counts} (--json: "
                      "device.gemm_backends; CHARLM_GEMM=torch|onednn|mkl to force)")
     checks = result["checks"]
     bad = [f"{name} logits differ by {diff:.2g}" for name, diff in checks["max_logit_diff"].items()

@@ -1,6 +1,6 @@
 """Running the benchmark: the groups round-robin with a progress bar, the precisions each
 pair trains in, and the JSON-ready result (with the machine: CPU model and flags, threads,
-the GEMM backends charlm raced)."""
+the GEMM backends charlm chose by timing them)."""
 
 from __future__ import annotations
 
@@ -226,7 +226,7 @@ def _result(contenders: list[Contender], failures: list[dict], device: torch.dev
                    "autocast": "bf16" if "bf16" in precision["recurrent"].split("+")
                    or precision["transformer"] == "bf16" else None,
                    "cpu": cpu_features(),
-                   # charlm's GEMM backend per product shape, raced on this machine
+                   # charlm's GEMM backend per product shape, chosen by timing on this machine
                    # (charlm.cells.fused.gemm)
                    "gemm_backends": gemm.choices()},
         # One precision per comparison: each recurrent pair (charlm vs torch.nn) in one of

@@ -147,6 +147,52 @@ def test_each_cell_under_bf16_autocast_matches_torch_nn_under_it(kind):
     assert last_c.dtype == torch.float32  # the LSTM's c, or the RNN's / GRU's h
 
 
+@pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru"])
+def test_a_recurrence_chosen_to_run_in_float32_under_autocast_still_matches(kind, monkeypatch):
+    """Where the race finds a recurrence faster in float32 (gemm.recurrence_precision), its
+    GEMMs run in float32 inside the bf16 autocast: still torch.nn's function under the same
+    autocast, and the race really ran the layer that way (no bf16 copy of W_hh is made)."""
+    from charlm.cells.fused import gemm
+
+    monkeypatch.setattr(gemm, "RACE_MIN_MACS", 0)
+    monkeypatch.setattr(gemm, "BACKEND", "auto")
+    monkeypatch.setattr(gemm, "_winner", {})
+    monkeypatch.setattr(gemm, "_fastest", lambda calls: "fp32")  # the race's verdict
+    ref, mine = make_pair(kind)
+    x = torch.randn(B, T, N_IN, generator=torch.Generator().manual_seed(100))
+    got, want = bf16_run(mine, x), bf16_run(ref, x)
+    assert {v for k, v in gemm.choices().items() if k.startswith("recurrence")} == {"fp32"}
+    forward, got_grads = split(got)
+    for k in forward:
+        assert rel(got[k], want[k].float()) <= OUT_TOL, k
+    assert rel(got_grads, split(want)[1]) <= GRAD_TOL
+
+
+def test_the_recurrence_precision_race_runs_forward_and_backward_once_per_shape(monkeypatch):
+    from charlm.cells.fused import gemm
+
+    monkeypatch.setattr(gemm, "BACKEND", "auto")
+    monkeypatch.setattr(gemm, "_winner", {})
+    xg, w = torch.zeros(16, 32, 256), torch.zeros(256, 64)  # over the race's floor
+    runs = []
+
+    def run(dtype):
+        runs.append((dtype, torch.is_grad_enabled()))
+        __import__("time").sleep(2e-3 if dtype == torch.bfloat16 else 1e-3)
+
+    with torch.no_grad():  # as under an evaluation: the race still differentiates
+        assert gemm.recurrence_precision("rnn", xg, w, run) is None  # fp32 was faster
+    assert {d for d, _ in runs} == {torch.bfloat16, None} and all(g for _, g in runs)
+    n = len(runs)
+    assert gemm.recurrence_precision("rnn", xg, w, run) is None and len(runs) == n  # kept
+    small = torch.zeros(2, 2, 8)
+    assert gemm.recurrence_precision("rnn", small, w[:8], run) == torch.bfloat16  # floor
+    monkeypatch.setattr(gemm, "BACKEND", "onednn")
+    assert gemm.recurrence_precision("gru", xg, w, run) == torch.bfloat16  # forced
+    gemm.restore({"recurrence lstm 16 32 256 64 1": "fp32"})
+    assert gemm.choices()["recurrence lstm 16 32 256 64 1"] == "fp32"
+
+
 def _swap_gates(layer: nn.Module, k: int) -> None:
     """Exchange gate block 0 with gate block k in every weight and bias: the same layer with
     its gates in a wrong order, a wrong equation."""

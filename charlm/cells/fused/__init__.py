@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import cuda_graph, inductor
 from .bptt import GRURecurrence, LSTMRecurrence, RNNRecurrence
-from .gemm import project
+from .gemm import project, recurrence_precision
 from .precision import float32_region, gemm_dtype, recurrence_region
 from .sampling import Sampler
 from .scan import Rows, gru_scan, lengths, lstm_scan, rnn_scan
@@ -48,6 +48,24 @@ def _project(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> tuple[Tensor, Tens
     return project(x, w_ih, None), bias
 
 
+def _precision(kind: str, low: torch.dtype | None, xg: Tensor, w: Tensor, apply, *args):
+    """The dtype of the recurrence's GEMMs: under bf16 autocast (``low``) bf16 or None
+    (float32), whichever runs it faster here (:func:`.gemm.recurrence_precision`, raced on
+    ``apply(w_mm, *inputs)`` forward and backward over detached copies of ``args``, the
+    recurrence's own inputs with ``w`` first); otherwise ``low``."""
+    if low is None:
+        return None
+
+    def run(dtype: torch.dtype | None) -> None:
+        copies = [a.detach().requires_grad_() if isinstance(a, Tensor) and a.is_floating_point()
+                  else a for a in (w, *args)]
+        out = apply(_gemm_copy(copies[0], dtype), *copies[1:])
+        outs = list(out) if isinstance(out, tuple) else [out]
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+    return recurrence_precision(kind, xg, w, run)
+
+
 def _last(hs: Tensor, rows: Rows) -> Tensor:
     """Each row's output at its own last step: (B, H)."""
     if rows is None:
@@ -67,6 +85,8 @@ def rnn(x, h0, w_ih, w_hh, b_ih, b_hh, relu: bool, grad: bool, rows: Rows = None
     xg, x_bias = _project(x, w_ih, None if b_ih is None else b_ih + b_hh)  # (T, B, H)
     ctx, low, xg, (h0, w_hh, x_bias) = recurrence_region(xg, h0, w_hh, x_bias)
     with ctx:
+        low = _precision("rnn", low, xg, w_hh, lambda w, xg, h0, b: RNNRecurrence.apply(
+            xg, h0, w, relu, rows, b), xg, h0, x_bias)
         w_mm = _gemm_copy(w_hh, low)
         if grad:
             hs = RNNRecurrence.apply(xg, h0, w_mm, relu, rows, x_bias)
@@ -97,6 +117,8 @@ def lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, grad: bool, rows: Rows = None)
             xg[0] += h0 @ w_rec.t()  # the gates of step 0 see W_hh h0
             w_rec = w_rec @ w_hr32  # (4H, H): the recurrence over m
             h0 = c0.new_zeros(c0.shape)
+        low = _precision("lstm", low, xg, w_rec, lambda w, xg, h0, c0, b: LSTMRecurrence.apply(
+            xg, h0, c0, w, rows, b), xg, h0, c0, x_bias)
         w_mm = _gemm_copy(w_rec, low)
         if grad:
             hs, c_last = LSTMRecurrence.apply(xg, h0, c0, w_mm, rows, x_bias)
@@ -116,6 +138,8 @@ def gru(x, h0, w_ih, w_hh, b_ih, b_hh, grad: bool, rows: Rows = None):
     xg, x_bias = _project(x, w_ih, b_ih)  # (T, B, 3H); b_hh goes to the recurrence
     ctx, low, xg, (h0, w_hh, b_hh, x_bias) = recurrence_region(xg, h0, w_hh, b_hh, x_bias)
     with ctx:
+        low = _precision("gru", low, xg, w_hh, lambda w, xg, h0, bh, b: GRURecurrence.apply(
+            xg, h0, w, bh, rows, b), xg, h0, b_hh, x_bias)
         w_mm = _gemm_copy(w_hh, low)
         if grad:
             hs = GRURecurrence.apply(xg, h0, w_mm, b_hh, rows, x_bias)

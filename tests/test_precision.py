@@ -162,6 +162,11 @@ def test_a_recurrence_chosen_to_run_in_float32_under_autocast_still_matches(kind
     x = torch.randn(B, T, N_IN, generator=torch.Generator().manual_seed(100))
     got, want = bf16_run(mine, x), bf16_run(ref, x)
     assert {v for k, v in gemm.choices().items() if k.startswith("recurrence")} == {"fp32"}
+    gemm._winner.clear()  # under inference_mode nothing can be raced (no backward): bf16
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(mine(x)[0].float(), got["out"].detach().float(),
+                                   rtol=5e-2, atol=5e-2)
+    assert not any(k.startswith("recurrence") for k in gemm.choices())
     forward, got_grads = split(got)
     for k in forward:
         assert rel(got[k], want[k].float()) <= OUT_TOL, k

@@ -52,9 +52,10 @@ def _precision(kind: str, low: torch.dtype | None, xg: Tensor, w: Tensor, apply,
     """The dtype of the recurrence's GEMMs: under bf16 autocast (``low``) bf16 or None
     (float32), whichever runs it faster here (:func:`.gemm.recurrence_precision`, raced on
     ``apply(w_mm, *inputs)`` forward and backward over detached copies of ``args``, the
-    recurrence's own inputs with ``w`` first); otherwise ``low``."""
-    if low is None:
-        return None
+    recurrence's own inputs with ``w`` first); otherwise ``low``. Under inference_mode,
+    where nothing can be differentiated, nothing is raced: bf16."""
+    if low is None or torch.is_inference_mode_enabled():
+        return low
 
     def run(dtype: torch.dtype | None) -> None:
         copies = [a.detach().requires_grad_() if isinstance(a, Tensor) and a.is_floating_point()

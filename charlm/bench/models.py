@@ -42,7 +42,9 @@ class BenchShape:
     tf_layers: int = 4
     tf_heads: int = 4
     kv_context: int = 256  # the Transformer's context for the KV-cache vs recompute contest
-    warmup_steps: int = 3  # untimed training steps per contender before the repeats
+    # untimed training steps per contender before the repeats: enough for the GEMM choices
+    # (the in-loop one takes up to 9 sequences, 4.5 steps of a 2-layer body)
+    warmup_steps: int = 5
     warmup_chars: int = 50  # untimed sampled characters per contender before the repeats
     smoke: bool = False  # a smoke-test shape (--quick): its figures judge no target
 

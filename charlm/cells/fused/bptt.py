@@ -354,6 +354,7 @@ def _gru_backward_compiled(ctx, dhs: Tensor, h0, w_hh, hs, hs_mm, rz, ns, hg_n):
     if need[1]:  # through step 0's GEMM, and directly (its dL/dh_0 z, in slot 0)
         dh0 = torch.mm(d_rec[0], w_hh).to(hs.dtype).add_(dh_direct[0])
     dw = dw_hh(d_rec, h0.to(w_hh.dtype), hs_mm) if need[2] else None
+
     def sums() -> tuple[Tensor, Tensor, Tensor]:
         sum_x = dxg.sum(dim=(0, 1), dtype=torch.float32)  # [dr, dz, dn]
         sum_hgn = d_rec[:, :, 2 * H :].sum(dim=(0, 1), dtype=torch.float32)

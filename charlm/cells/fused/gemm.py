@@ -12,11 +12,10 @@ layout and thread count) is run on every candidate, interleaved, best of a few c
 per-step products are timed inside the loop, each candidate in turn
 (:func:`_in_loop_choice`); each shape keeps its winner. ``BACKEND`` (env ``CHARLM_GEMM``:
 ``auto``, ``onednn``, ``torch`` or ``mkl``) forces one where it applies, for reproducibility
-or debugging. CUDA, float64, tiny batches and
-builds without the private ops always take torch's. Every function here computes a plain
-``x @ w.T (+ b)``, in its operands' dtype (bf16 GEMMs accumulate in float32 inside the
-kernel: see :mod:`.precision`); the layer tests hold the results to torch.nn on each
-backend.
+or debugging. CUDA, float64, tiny batches and builds without the private ops always take
+torch's. Every function here computes a plain ``x @ w.T (+ b)``, in its operands' dtype
+(bf16 GEMMs accumulate in float32 inside the kernel: see :mod:`.precision`); the layer tests
+hold the results to torch.nn on each backend.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ __all__ = ["BACKEND", "choices", "dw_hh", "mm_nt", "project", "recurrence_precis
            "step_gemm_fns"]
 
 _BACKENDS = ("auto", "onednn", "torch", "mkl")
+_PRECISIONS = ("bf16", "fp32")  # what recurrence_precision chooses between
 BACKEND = os.environ.get("CHARLM_GEMM", "auto").strip().lower()
 if BACKEND not in _BACKENDS:
     warnings.warn(f"charlm: CHARLM_GEMM={BACKEND!r} is none of {', '.join(_BACKENDS)}; "
@@ -92,16 +92,24 @@ def _choose(key: tuple, names: tuple[str, ...], race: Callable[[], dict[str, Thu
     ``key`` names, of ``macs`` multiply-adds: forced by ``BACKEND`` where it is one of them,
     else ``default`` below ``RACE_MIN_MACS``, else the fastest of the calls ``race()`` makes,
     one per name (:func:`_fastest`), run the first time ``key`` is seen and remembered."""
-    if BACKEND != "auto":
-        return BACKEND if BACKEND in names else default
-    if macs < RACE_MIN_MACS:
-        return default
-    text = " ".join(map(str, key))
-    found = _winner.get(text)
-    if found not in names:  # not raced yet (or restored from a machine that had another)
+    found, text = _settled(key, names, macs, default)
+    if found is None:
         with torch.no_grad():
             found = _winner[text] = _fastest(race())
     return found
+
+
+def _settled(key: tuple, names: tuple[str, ...], macs: int, default: str):
+    """(choice, key as text): the choice ``BACKEND`` forces (``default`` where it forces
+    none of ``names``), ``default`` below ``RACE_MIN_MACS``, or the one already made (raced,
+    tried in the loop, or restored), else None: still to be chosen."""
+    text = " ".join(map(str, key))
+    if BACKEND != "auto":
+        return (BACKEND if BACKEND in names else default), text
+    if macs < RACE_MIN_MACS:
+        return default, text
+    found = _winner.get(text)  # one not in names: restored from a machine that had another
+    return (found if found in names else None), text
 
 
 def _fastest(calls: dict[str, Thunk]) -> str:
@@ -138,9 +146,6 @@ def restore(saved: object) -> None:
     if isinstance(saved, dict):
         _winner.update({k: v for k, v in saved.items()
                         if isinstance(k, str) and v in (*_BACKENDS[1:], *_PRECISIONS)})
-
-
-_PRECISIONS = ("bf16", "fp32")
 
 
 def recurrence_precision(kind: str, like: Tensor, weight: Tensor,
@@ -275,13 +280,9 @@ def _in_loop_choice(key: tuple, names: tuple[str, ...], macs: int):
     with the fewest timings so far and ``record(seconds)`` for each of its steps' times
     (:func:`_timed`). The trial ends at the first call after every candidate has
     ``TRIAL_CALLS`` of them."""
-    if BACKEND != "auto":
-        return (BACKEND if BACKEND in names else "torch"), None
-    text = " ".join(map(str, key))
-    if macs < RACE_MIN_MACS:
-        return "torch", None
-    if _winner.get(text) in names:
-        return _winner[text], None
+    found, text = _settled(key, names, macs, "torch")
+    if found is not None:
+        return found, None
     trial = _trials.setdefault(text, {})
     for name in names:
         trial.setdefault(name, [])

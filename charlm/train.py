@@ -1,8 +1,9 @@
-"""The training loop: one explicit `while` loop you can read top to bottom.
+"""The training loop: `_Loop.run` steps until a budget ends, and `_Loop._step` reads top to
+bottom.
 
 Per step: learning rate -> batch -> forward/backward -> clip (recording the gradient norm
-before clipping) -> non-finite check -> optimizer step -> carry the detached hidden state ->
-log. Every `eval_interval` steps: validation loss, a short sample, `last.pt` and (if better)
+before clipping) -> non-finite check (charlm.nonfinite) -> optimizer step -> carry the
+detached hidden state -> log. Every `eval_interval` steps: validation loss, a short sample, `last.pt` and (if better)
 `best.pt`. Everything needed for an exact resume is in the checkpoint: model, optimizer,
 step, best validation loss, RNG states, the data position, the carried hidden state and
 the GEMM backends the run multiplies on; `charlm.runs` keeps that bookkeeping (a new or
@@ -16,7 +17,6 @@ per-rank RNG, data position and hidden state are gathered into its checkpoints.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import shutil
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
-from . import distributed, runs
+from . import distributed, nonfinite, runs
 from .cells.fused import gemm
 from .config import Config, config_to_yaml
 from .data import (
@@ -51,17 +51,9 @@ from .evaluate import bits_per_char, estimate_loss
 from .model import build_model, detach_state, map_state
 from .sample import generate
 
-# With train.skip_nonfinite, this many non-finite steps in a row stop training: the weights
-# themselves have diverged and every further step would be skipped too (an endless loop).
-MAX_SKIPPED_STEPS = 100
-
 
 class TrainingInterrupted(Exception):
     """Ctrl-C/SIGTERM: `last.pt` was saved; the message says how to resume."""
-
-
-class NonFiniteError(ValueError):
-    """The loss or gradient became NaN/inf; the last good checkpoint was kept."""
 
 
 @dataclass
@@ -260,77 +252,6 @@ def warm_up_compiled(fwd, model: torch.nn.Module, x: torch.Tensor, hidden, devic
     return time.perf_counter() - start
 
 
-def _defers_checks(device: torch.device, ctx, optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the loss and non-finite bookkeeping stays on the device (DeferredChecks).
-
-    On CUDA, where reading a number waits for the whole queue, and only with the fused AdamW
-    (which `make_optimizer` picks there): it can skip a step on the device itself. On the CPU
-    a read is no sync at all (there is no queue), so the per-step check stays: bit for bit the
-    behaviour the exact-resume tests guard. Under torchrun the per-step all-reduce of the loss
-    syncs anyway."""
-    return device.type == "cuda" and not ctx.active and bool(optimizer.defaults.get("fused"))
-
-
-class DeferredChecks:
-    """The per-step loss sum and non-finite check kept on the device, read at logging steps.
-
-    Every step records its loss and gradient norm into device tensors and hands the fused
-    AdamW a `found_inf` flag, with which the kernel itself leaves a non-finite step out
-    (weights, moments and step count untouched, as a skipped step on the CPU); the carried
-    hidden state of such a step is zeroed on the device (what a fresh state is). `settle()`,
-    called on logging, evaluation and checkpoint steps, at the end and before stopping, reads
-    everything in one transfer. A finite run logs exactly the numbers of the per-step path:
-    the loss sum is float64, added in the same order as Python adds the floats.
-
-    What differs after a non-finite step: it is found at the next settle, not at once. The
-    step counter counts it until then (so the learning rate of the steps in between is that
-    of one step later), and a run without `train.skip_nonfinite` stops there, with the good
-    steps after the bad one kept (the bad one was never applied)."""
-
-    def __init__(self, device: torch.device) -> None:
-        def zero(dtype: torch.dtype) -> torch.Tensor:
-            return torch.zeros((), dtype=dtype, device=device)
-
-        self.loss_sum, self.count = zero(torch.float64), zero(torch.int64)
-        self.bad, self.first_bad, self.loss_bad = zero(torch.int64), zero(torch.int64), \
-            zero(torch.bool)
-        self.run, self.longest = zero(torch.int64), zero(torch.int64)  # consecutive bad steps
-        self.grad_norm: torch.Tensor | None = None
-        self.attempts = 0  # steps recorded since the last settle
-
-    def record(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
-        """Book one step; returns its device-side `finite` flag (the optimizer's found_inf
-        is set from it)."""
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-        bad = ~finite
-        self.loss_sum += torch.where(finite, loss.double(), 0.0)
-        self.count += finite
-        # the index (since the last settle) of the first non-finite step
-        self.first_bad = torch.where((self.bad == 0) & bad, self.attempts, self.first_bad)
-        self.bad += bad
-        self.loss_bad |= ~torch.isfinite(loss)
-        self.run = torch.where(finite, 0, self.run + 1)
-        self.longest = torch.maximum(self.longest, self.run)
-        self.grad_norm = grad_norm
-        self.attempts += 1
-        return finite
-
-    def settle(self) -> dict:
-        """Read the bookkeeping (one device-to-host transfer) and restart it."""
-        values = torch.stack([self.loss_sum, self.count.double(), self.bad.double(),
-                              self.first_bad.double(), self.loss_bad.double(),
-                              self.longest.double()]).tolist()
-        out = {"loss_sum": values[0], "count": int(values[1]), "bad": int(values[2]),
-               "first_bad": int(values[3]), "loss_bad": bool(values[4]),
-               "longest": int(values[5]), "attempts": self.attempts,
-               "grad_norm": None if self.grad_norm is None else float(self.grad_norm)}
-        for t in (self.loss_sum, self.count, self.bad, self.first_bad, self.longest):
-            t.zero_()
-        self.loss_bad.zero_()
-        self.attempts = 0
-        return out
-
-
 def _stop_vote(st: runs.TrainState, stop: dict, ctx) -> bool:
     """Whether to stop after this step; under torchrun all ranks agree, and share one clock."""
     stopping = stop["stop"]
@@ -338,18 +259,6 @@ def _stop_vote(st: runs.TrainState, stop: dict, ctx) -> bool:
         st.elapsed_s, votes = distributed.all_mean([st.elapsed_s, float(stopping)])
         stopping = votes > 0
     return stopping
-
-
-def _non_finite_error(st: runs.TrainState, t, loss_value: float, skipped: int,
-                      run_dir: Path) -> NonFiniteError:
-    what = "loss" if not math.isfinite(loss_value) else "gradient"
-    or_skip = "; or --set train.skip_nonfinite=true to skip such steps"
-    if t.skip_nonfinite:  # skipping cannot help: the weights themselves diverged
-        what, or_skip = f"loss or gradient in {skipped} consecutive steps", ""
-    return NonFiniteError(
-        f"non-finite {what} at step {st.step + 1}; training stopped and the last good weights "
-        f"are in {run_dir / 'last.pt'}. Lower train.lr (now {t.lr:g}) or set train.grad_clip "
-        f"(now {t.grad_clip:g}), then --resume{or_skip}")
 
 
 def _evaluate(st: runs.TrainState, model, val_batches, ds, t, device, ctx, run_dir: Path,
@@ -381,200 +290,255 @@ def _evaluate(st: runs.TrainState, model, val_batches, ds, t, device, ctx, run_d
 def _train(ctx, cfg: Config, runs_dir: Path, run_dir: Path, resumed: dict | None,
            quiet: bool) -> TrainResult:
     """The body of :func:`train` once the run directory is chosen (and locked)."""
-    t = cfg.train
-    device = distributed.rank_device(resolve_device(t.device), ctx)  # cuda:LOCAL_RANK
-    configure_math(device)  # TF32 tensor cores on CUDA for the float32 matmuls autocast leaves
-    # auto becomes what this device does (bf16 where it multiplies bf16 natively), and that is
-    # what config.yaml and the checkpoints record: the run says what it really trained in.
-    t.precision = resolve_precision(t.precision, device)
-    ds = runs.load_checked_dataset(cfg, ctx, run_dir, resumed)
-
-    # ---- model, optimizer, data order
-    torch.manual_seed(t.seed)
-    random.seed(t.seed)
-    model = build_model(cfg, len(ds.vocab)).to(device)
-    if ctx.rank:  # the same initial weights on every rank, but each its own dropout masks
-        torch.manual_seed(t.seed + ctx.rank)
-    optimizer = make_optimizer(model, t, device)
-    stateful = model.carries_state and t.stateful
-    # Each rank reads its own part of the text: its own streams, or its own random windows.
-    batcher = (StreamBatcher(ds.train, t.batch_size, t.seq_len, ctx.rank, ctx.world_size)
-               if stateful else RandomBatcher(ds.train, t.batch_size, t.seq_len, t.seed,
-                                              ctx.rank, ctx.world_size))
-    wrapped = distributed.wrap(model, device, ctx)  # DDP: gradients all-reduced in backward
-    fwd = torch.compile(wrapped) if t.compile else wrapped
-    st = runs.TrainState()
-    metrics = runs.MetricsLog(run_dir / "metrics.csv")
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        mine = runs.rank_part(resumed, ctx)  # this rank's data position, RNG, hidden state
-        batcher.load_state_dict(mine["data_state"])
-        runs.set_rng_state(mine["rng"], device)
-        gemm.restore(mine["gemm_backends"])  # and GEMM backends
-        st = runs.TrainState(resumed["step"], resumed["best_val_loss"], resumed["elapsed_s"],
-                             map_state(lambda x: x.to(device), mine["hidden_state"]))
-        runs.check_budget_left(run_dir, t, st.step, st.elapsed_s)
-        if ctx.is_main:
-            metrics.truncate(st.step)
-    elif ctx.is_main:  # config and metrics appear once data, model and device work
-        ckpt_io.atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
-        metrics.start()
-    saver = runs.Checkpointer(ctx, run_dir, runs_dir, cfg, ds, model, optimizer, batcher, device)
-    val_batches = list(eval_batches(ds.val, t.batch_size, t.seq_len, t.eval_steps))
-    interactive = not quiet and sys.stderr.isatty()
-    bar = BudgetBar(t, st.step, st.elapsed_s, enabled=interactive)
-    tokens_per_step = t.batch_size * t.seq_len * ctx.world_size  # all ranks together
-    loss_sum, loss_count, window_start, window_steps = 0.0, 0, time.perf_counter(), 0
-    tokens_per_s, last_val, lr = 0.0, None, t.lr
-    skipped = 0  # consecutive non-finite steps
-    grad_norm: float | None = None
-    checks = DeferredChecks(device) if _defers_checks(device, ctx, optimizer) else None
-    resume_command = (f"{distributed.launch_command(ctx)} --name {run_dir.name} "
-                      f"--runs-dir {runs_dir} --resume")
-    model.train()
-    warmup_s = 0.0
-    if t.compile:  # compile now, untimed: not out of train.max_time
-        x0 = torch.zeros(t.batch_size, t.seq_len, dtype=torch.long, device=device)
-        warmup_s = warm_up_compiled(fwd, model, x0, st.hidden, device, stateful, t.precision)
-        if not quiet:
-            print(f"compiled the model in {warmup_s:.1f} s (before the clock: not counted in "
-                  "train.max_time)", file=sys.stderr, flush=True)
-
-    def interrupted() -> TrainingInterrupted:
-        return TrainingInterrupted(f"interrupted at step {st.step}; saved {run_dir / 'last.pt'}"
-                                   f". Resume with: {resume_command}")
-
-    # ---- the loop
+    loop = _Loop(ctx, cfg, runs_dir, run_dir, resumed, quiet)
     try:
-        with _graceful_stop() as stop:
-            while st.step < t.max_steps and (t.max_time is None or st.elapsed_s < t.max_time):
-                t0 = time.perf_counter()
-                # learning rate for this step: the budget that ends first sets the schedule
-                progress = st.step / t.max_steps
-                if t.max_time:
-                    progress = max(progress, st.elapsed_s / t.max_time)
-                lr = get_lr(st.step, progress, t)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                # batch; a wrapped stream starts from a fresh state
-                x, y, reset = batcher.next()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if reset:
-                    st.hidden = None
-                # forward, backward, clip
-                loss, grad_norm_t, new_hidden = train_step(
-                    fwd, model, optimizer, x, y, st.hidden, t.grad_clip, device, ctx, t.precision)
-                if checks is not None:  # CUDA: the fused AdamW skips a non-finite step itself
-                    finite = checks.record(loss, grad_norm_t)
-                    optimizer.found_inf = (~finite).float()
-                    optimizer.step()
-                    if stateful:  # a non-finite step's state restarts from zeros
-                        st.hidden = map_state(lambda h, f=finite: torch.where(f, h, 0.0),
-                                              detach_state(new_hidden))
-                    else:
-                        st.hidden = None
-                    st.step += 1
-                    window_steps += 1
-                    st.elapsed_s += time.perf_counter() - t0
-                    stopping = _stop_vote(st, stop, ctx)
-                    done = st.step >= t.max_steps or (
-                        t.max_time is not None and st.elapsed_s >= t.max_time)
-                    if not (st.step % t.log_interval == 0 or st.step % t.eval_interval == 0
-                            or done or stopping):
-                        bar.advance(st.step, st.elapsed_s)
-                        continue
-                    tally = checks.settle()
-                    loss_sum, loss_count = loss_sum + tally["loss_sum"], loss_count + tally[
-                        "count"]
-                    grad_norm = tally["grad_norm"]
-                    if tally["bad"]:
-                        st.step -= tally["bad"]  # the skipped steps were never applied
-                        window_steps -= tally["bad"]
-                        first = st.step - tally["count"] + tally["first_bad"] + 1
-                        skipped = tally["longest"]
-                        if not (t.skip_nonfinite and skipped < MAX_SKIPPED_STEPS):
-                            saver.save("last.pt", st)  # finite: the bad steps were never applied
-                            raise _non_finite_error(
-                                dataclasses.replace(st, step=first - 1), t,
-                                math.nan if tally["loss_bad"] else 0.0, skipped, run_dir)
-                        if not quiet:
-                            tqdm.write(f"steps {first}-{st.step + tally['bad']}: "
-                                       f"{tally['bad']} non-finite step(s) skipped "
-                                       "(train.skip_nonfinite)", file=sys.stderr)
-                else:
-                    # CPU (a read is no sync there) and torchrun: the check before every step
-                    loss_value, grad_norm = float(loss), float(grad_norm_t)
-                    # a non-finite step is skipped (train.skip_nonfinite) or stops the run
-                    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                        skipped += 1
-                        if not (t.skip_nonfinite and skipped < MAX_SKIPPED_STEPS):
-                            saver.save("last.pt", st)  # the weights are still the last good ones
-                            raise _non_finite_error(st, t, loss_value, skipped, run_dir)
-                        optimizer.zero_grad(set_to_none=True)
-                        st.hidden = None
-                        if not quiet:
-                            tqdm.write(f"step {st.step + 1}: non-finite loss or gradient, step "
-                                       "skipped (train.skip_nonfinite)", file=sys.stderr)
-                        # a skipped step still spends the time budget and still stops on Ctrl-C
-                        st.elapsed_s += time.perf_counter() - t0
-                        if _stop_vote(st, stop, ctx):
-                            saver.save("last.pt", st)
-                            raise interrupted()
-                        continue
-                    # optimizer step; carry the hidden state, detached: gradients stop at the
-                    # window start
-                    optimizer.step()
-                    skipped = 0
-                    st.hidden = detach_state(new_hidden) if stateful else None
-                    st.step += 1
-                    st.elapsed_s += time.perf_counter() - t0
-                    stopping = _stop_vote(st, stop, ctx)
-                    loss_sum, loss_count, window_steps = loss_sum + loss_value, loss_count + 1, \
-                        window_steps + 1
-                # log
-                if st.step % t.log_interval == 0 and loss_count:
-                    now = time.perf_counter()
-                    tokens_per_s = window_steps * tokens_per_step / max(now - window_start, 1e-9)
-                    metrics.write(step=st.step, elapsed_s=f"{st.elapsed_s:.2f}",
-                                  train_loss=_fmt(loss_sum / loss_count), lr=f"{lr:.6g}",
-                                  grad_norm=_fmt(grad_norm), tokens_per_s=f"{tokens_per_s:.0f}")
-                    bar.set_postfix(loss=f"{loss_sum / loss_count:.3f}",
-                                    val_bpc=_fmt(last_val and bits_per_char(last_val), 3),
-                                    tok_s=f"{tokens_per_s:.0f}")
-                    loss_sum, loss_count, window_start, window_steps = 0.0, 0, now, 0
-                bar.advance(st.step, st.elapsed_s)
-                # evaluate, sample, checkpoint
-                done = st.step >= t.max_steps or (
-                    t.max_time is not None and st.elapsed_s >= t.max_time)
-                if st.step % t.eval_interval == 0 or done or stopping:
-                    eval_start = time.perf_counter()
-                    last_val = _evaluate(st, model, val_batches, ds, t, device, ctx, run_dir,
-                                         metrics, saver, lr, interactive)
-                    if not interactive and not quiet:
-                        print(f"step {st.step}/{t.max_steps} | val loss {last_val:.4f} | val "
-                              f"bpc {bits_per_char(last_val):.4f} | {tokens_per_s:.0f} tok/s | "
-                              f"{st.elapsed_s:.0f}s", file=sys.stderr, flush=True)
-                    window_start += time.perf_counter() - eval_start  # keep tok/s training-only
-                # stop
-                if stopping:
-                    raise interrupted()
-    except KeyboardInterrupt:
-        # A second Ctrl-C can land mid-step (batch drawn, weights half-updated): saving then
-        # would make a resume silently inexact, so the last checkpoint is kept as it is.
-        raise TrainingInterrupted(
-            f"stopped at once (second Ctrl-C) during step {st.step + 1}; nothing more was saved. "
-            f"Resume from the last checkpoint with: {resume_command}") from None
+        loop.run()
     finally:
-        bar.close()
+        loop.bar.close()
+    st, saver = loop.st, loop.saver
     # a resumed run that had nothing left to do (rank 0 decides: it alone sees the files)
     if distributed.broadcast_object(not (run_dir / "last.pt").exists()):
         saver.save("last.pt", st)
     # The DDP wrapper's reducer holds the process group: free it now, while the group is
     # alive, not at some later garbage collection after the group was torn down.
-    del fwd, wrapped
+    del loop.fwd, loop.wrapped
     distributed.cleanup()
-    return TrainResult(run_dir, st.step, st.best_val_loss, st.elapsed_s, tokens_per_s,
-                       saver.params, warmup_s)
+    return TrainResult(run_dir, st.step, st.best_val_loss, st.elapsed_s, loop.tokens_per_s,
+                       saver.params, loop.warmup_s)
 
 
+class _Loop:
+    """One run's training loop: built (new or resumed) in ``__init__``, run by :meth:`run`,
+    one method per phase of a step. ``st`` is what checkpoints keep; the rest is the logging
+    window and the non-finite streak."""
+
+    def __init__(self, ctx, cfg: Config, runs_dir: Path, run_dir: Path, resumed: dict | None,
+                 quiet: bool) -> None:
+        t = self.t = cfg.train
+        self.ctx, self.run_dir, self.quiet = ctx, run_dir, quiet
+        device = self.device = distributed.rank_device(resolve_device(t.device), ctx)
+        configure_math(device)  # TF32 tensor cores on CUDA for the float32 matmuls autocast leaves
+        # auto becomes what this device does (bf16 where it multiplies bf16 natively), and that
+        # is what config.yaml and the checkpoints record: the run says what it really trained in.
+        t.precision = resolve_precision(t.precision, device)
+        ds = self.ds = runs.load_checked_dataset(cfg, ctx, run_dir, resumed)
+
+        # ---- model, optimizer, data order
+        torch.manual_seed(t.seed)
+        random.seed(t.seed)
+        model = self.model = build_model(cfg, len(ds.vocab)).to(device)
+        if ctx.rank:  # the same initial weights on every rank, but each its own dropout masks
+            torch.manual_seed(t.seed + ctx.rank)
+        optimizer = self.optimizer = make_optimizer(model, t, device)
+        self.stateful = model.carries_state and t.stateful
+        # Each rank reads its own part of the text: its own streams, or its own random windows.
+        self.batcher = (
+            StreamBatcher(ds.train, t.batch_size, t.seq_len, ctx.rank, ctx.world_size)
+            if self.stateful else
+            RandomBatcher(ds.train, t.batch_size, t.seq_len, t.seed, ctx.rank, ctx.world_size))
+        self.wrapped = distributed.wrap(model, device, ctx)  # DDP: gradients all-reduced
+        self.fwd = torch.compile(self.wrapped) if t.compile else self.wrapped
+        self.st = runs.TrainState()
+        self.metrics = runs.MetricsLog(run_dir / "metrics.csv")
+        if resumed is not None:
+            self._resume(resumed)
+        elif ctx.is_main:  # config and metrics appear once data, model and device work
+            ckpt_io.atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+            self.metrics.start()
+        self.saver = runs.Checkpointer(ctx, run_dir, runs_dir, cfg, ds, model, optimizer,
+                                       self.batcher, device)
+        self.val_batches = list(eval_batches(ds.val, t.batch_size, t.seq_len, t.eval_steps))
+        self.interactive = not quiet and sys.stderr.isatty()
+        self.bar = BudgetBar(t, self.st.step, self.st.elapsed_s, enabled=self.interactive)
+        self.tokens_per_step = t.batch_size * t.seq_len * ctx.world_size  # all ranks together
+        self.loss_sum, self.loss_count, self.window_steps = 0.0, 0, 0
+        self.window_start = time.perf_counter()
+        self.tokens_per_s, self.last_val, self.lr = 0.0, None, t.lr
+        self.skipped = 0  # consecutive non-finite steps
+        self.grad_norm: float | None = None
+        self.checks = (nonfinite.DeferredChecks(device)
+                       if nonfinite.defers_checks(device, ctx, optimizer) else None)
+        self.resume_command = (f"{distributed.launch_command(ctx)} --name {run_dir.name} "
+                               f"--runs-dir {runs_dir} --resume")
+        model.train()
+        self.warmup_s = 0.0
+        if t.compile:  # compile now, untimed: not out of train.max_time
+            x0 = torch.zeros(t.batch_size, t.seq_len, dtype=torch.long, device=device)
+            self.warmup_s = warm_up_compiled(self.fwd, model, x0, self.st.hidden, device,
+                                             self.stateful, t.precision)
+            if not quiet:
+                print(f"compiled the model in {self.warmup_s:.1f} s (before the clock: not "
+                      "counted in train.max_time)", file=sys.stderr, flush=True)
+
+    def _resume(self, resumed: dict) -> None:
+        """Model, optimizer, this rank's data position, RNG, hidden state and GEMM backends
+        as the checkpoint left them; the metrics log cut back to its step."""
+        self.model.load_state_dict(resumed["model"])
+        self.optimizer.load_state_dict(resumed["optimizer"])
+        mine = runs.rank_part(resumed, self.ctx)
+        self.batcher.load_state_dict(mine["data_state"])
+        runs.set_rng_state(mine["rng"], self.device)
+        gemm.restore(mine["gemm_backends"])
+        self.st = runs.TrainState(resumed["step"], resumed["best_val_loss"], resumed["elapsed_s"],
+                                  map_state(lambda x: x.to(self.device), mine["hidden_state"]))
+        runs.check_budget_left(self.run_dir, self.t, self.st.step, self.st.elapsed_s)
+        if self.ctx.is_main:
+            self.metrics.truncate(self.st.step)
+
+    def _interrupted(self) -> TrainingInterrupted:
+        return TrainingInterrupted(f"interrupted at step {self.st.step}; saved "
+                                   f"{self.run_dir / 'last.pt'}. Resume with: "
+                                   f"{self.resume_command}")
+
+    def _done(self) -> bool:
+        t, st = self.t, self.st
+        return st.step >= t.max_steps or (t.max_time is not None and st.elapsed_s >= t.max_time)
+
+    def run(self) -> None:
+        """Steps until a budget ends or a stop is asked for (then TrainingInterrupted)."""
+        try:
+            with _graceful_stop() as stop:
+                while not self._done():
+                    if self._step(stop):
+                        raise self._interrupted()
+        except KeyboardInterrupt:
+            # A second Ctrl-C can land mid-step (batch drawn, weights half-updated): saving
+            # then would make a resume silently inexact, so the last checkpoint is kept as is.
+            raise TrainingInterrupted(
+                f"stopped at once (second Ctrl-C) during step {self.st.step + 1}; nothing more "
+                f"was saved. Resume from the last checkpoint with: {self.resume_command}"
+            ) from None
+
+    def _step(self, stop: dict) -> bool:
+        """One step: schedule, batch, forward/backward/clip, the checked optimizer step, then
+        logging and evaluation when due. Returns whether to stop now."""
+        t, st, t0 = self.t, self.st, time.perf_counter()
+        # learning rate for this step: the budget that ends first sets the schedule
+        progress = st.step / t.max_steps
+        if t.max_time:
+            progress = max(progress, st.elapsed_s / t.max_time)
+        self.lr = get_lr(st.step, progress, t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        # batch; a wrapped stream starts from a fresh state
+        x, y, reset = self.batcher.next()
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if reset:
+            st.hidden = None
+        # forward, backward, clip
+        loss, grad_norm, new_hidden = train_step(
+            self.fwd, self.model, self.optimizer, x, y, st.hidden, t.grad_clip, self.device,
+            self.ctx, t.precision)
+        if self.checks is not None:  # CUDA: the fused AdamW skips a non-finite step itself
+            stopping = self._apply_deferred(loss, grad_norm, new_hidden, t0, stop)
+        else:
+            stopping = self._apply_checked(loss, grad_norm, new_hidden, t0, stop)
+        if stopping is None:  # skipped, or nothing to log before the next step
+            return False
+        self._log()
+        self.bar.advance(st.step, st.elapsed_s)
+        if st.step % t.eval_interval == 0 or self._done() or stopping:
+            self._evaluate()
+        return stopping
+
+    def _apply_checked(self, loss, grad_norm, new_hidden, t0: float, stop: dict) -> bool | None:
+        """CPU (a read is no sync there) and torchrun: read the loss and norm, then apply the
+        step, or skip it (``train.skip_nonfinite``: returns None) or stop the run if either
+        is non-finite. Returns whether to stop after it."""
+        t, st = self.t, self.st
+        loss_value, self.grad_norm = float(loss), float(grad_norm)
+        if not (math.isfinite(loss_value) and math.isfinite(self.grad_norm)):
+            self.skipped += 1
+            if not (t.skip_nonfinite and self.skipped < nonfinite.MAX_SKIPPED_STEPS):
+                self.saver.save("last.pt", st)  # the weights are still the last good ones
+                raise nonfinite.error(st.step, t, loss_value, self.skipped, self.run_dir)
+            self.optimizer.zero_grad(set_to_none=True)
+            st.hidden = None
+            if not self.quiet:
+                tqdm.write(f"step {st.step + 1}: non-finite loss or gradient, step skipped "
+                           "(train.skip_nonfinite)", file=sys.stderr)
+            # a skipped step still spends the time budget and still stops on Ctrl-C
+            st.elapsed_s += time.perf_counter() - t0
+            if _stop_vote(st, stop, self.ctx):
+                self.saver.save("last.pt", st)
+                raise self._interrupted()
+            return None
+        # optimizer step; carry the hidden state, detached: gradients stop at the window start
+        self.optimizer.step()
+        self.skipped = 0
+        st.hidden = detach_state(new_hidden) if self.stateful else None
+        st.step += 1
+        st.elapsed_s += time.perf_counter() - t0
+        stopping = _stop_vote(st, stop, self.ctx)
+        self.loss_sum, self.loss_count = self.loss_sum + loss_value, self.loss_count + 1
+        self.window_steps += 1
+        return stopping
+
+    def _apply_deferred(self, loss, grad_norm, new_hidden, t0: float, stop: dict) -> bool | None:
+        """CUDA with the fused AdamW: the step is applied on the device unless non-finite
+        (:class:`.nonfinite.DeferredChecks`), and the bookkeeping read only on logging,
+        evaluation and final steps (else returns None). Returns whether to stop."""
+        t, st, checks = self.t, self.st, self.checks
+        finite = checks.record(loss, grad_norm)
+        self.optimizer.found_inf = (~finite).float()
+        self.optimizer.step()
+        if self.stateful:  # a non-finite step's state restarts from zeros
+            st.hidden = map_state(lambda h, f=finite: torch.where(f, h, 0.0),
+                                  detach_state(new_hidden))
+        else:
+            st.hidden = None
+        st.step += 1
+        self.window_steps += 1
+        st.elapsed_s += time.perf_counter() - t0
+        stopping = _stop_vote(st, stop, self.ctx)
+        if not (st.step % t.log_interval == 0 or st.step % t.eval_interval == 0
+                or self._done() or stopping):
+            self.bar.advance(st.step, st.elapsed_s)
+            return None
+        tally = checks.settle()
+        self.loss_sum += tally["loss_sum"]
+        self.loss_count += tally["count"]
+        self.grad_norm = tally["grad_norm"]
+        if tally["bad"]:
+            st.step -= tally["bad"]  # the skipped steps were never applied
+            self.window_steps -= tally["bad"]
+            first = st.step - tally["count"] + tally["first_bad"] + 1
+            self.skipped = tally["longest"]
+            if not (t.skip_nonfinite and self.skipped < nonfinite.MAX_SKIPPED_STEPS):
+                self.saver.save("last.pt", st)  # finite: the bad steps were never applied
+                raise nonfinite.error(first - 1, t, math.nan if tally["loss_bad"] else 0.0,
+                                      self.skipped, self.run_dir)
+            if not self.quiet:
+                tqdm.write(f"steps {first}-{st.step + tally['bad']}: {tally['bad']} non-finite "
+                           "step(s) skipped (train.skip_nonfinite)", file=sys.stderr)
+        return stopping
+
+    def _log(self) -> None:
+        """Every ``log_interval`` steps: a metrics row (mean loss and tokens/s of the window
+        since the last row) and the bar's numbers."""
+        st = self.st
+        if not (st.step % self.t.log_interval == 0 and self.loss_count):
+            return
+        now = time.perf_counter()
+        self.tokens_per_s = (self.window_steps * self.tokens_per_step
+                             / max(now - self.window_start, 1e-9))
+        mean = self.loss_sum / self.loss_count
+        self.metrics.write(step=st.step, elapsed_s=f"{st.elapsed_s:.2f}", train_loss=_fmt(mean),
+                           lr=f"{self.lr:.6g}", grad_norm=_fmt(self.grad_norm),
+                           tokens_per_s=f"{self.tokens_per_s:.0f}")
+        self.bar.set_postfix(loss=f"{mean:.3f}",
+                             val_bpc=_fmt(self.last_val and bits_per_char(self.last_val), 3),
+                             tok_s=f"{self.tokens_per_s:.0f}")
+        self.loss_sum, self.loss_count, self.window_start, self.window_steps = 0.0, 0, now, 0
+
+    def _evaluate(self) -> None:
+        """:func:`_evaluate` (validation, sample, checkpoints), off the tokens/s clock."""
+        eval_start, st = time.perf_counter(), self.st
+        self.last_val = _evaluate(st, self.model, self.val_batches, self.ds, self.t,
+                                  self.device, self.ctx, self.run_dir, self.metrics, self.saver,
+                                  self.lr, self.interactive)
+        if not self.interactive and not self.quiet:
+            print(f"step {st.step}/{self.t.max_steps} | val loss {self.last_val:.4f} | val bpc "
+                  f"{bits_per_char(self.last_val):.4f} | {self.tokens_per_s:.0f} tok/s | "
+                  f"{st.elapsed_s:.0f}s", file=sys.stderr, flush=True)
+        self.window_start += time.perf_counter() - eval_start  # keep tok/s training-only

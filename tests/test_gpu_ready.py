@@ -19,7 +19,7 @@ import torch
 from conftest import tiny_overrides
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from charlm import bench, compare, device, runs, sample
+from charlm import bench, compare, device, nonfinite, runs, sample
 from charlm import train as training
 from charlm.bench import run as bench_run
 from charlm.bench import timing as bench_timing
@@ -208,7 +208,7 @@ class CountReads(TorchDispatchMode):
 
 
 def _train_run(corpus, runs, deferred: bool, monkeypatch, extra=(), steps=20, nan_at=()):
-    monkeypatch.setattr(training, "_defers_checks", lambda *a: deferred)
+    monkeypatch.setattr(nonfinite, "defers_checks", lambda *a: deferred)
     real_make = training.make_optimizer
     monkeypatch.setattr(training, "make_optimizer",
                         lambda m, t, d: fused_cpu_optimizer_from(real_make, m, t, d))
@@ -251,7 +251,7 @@ def test_deferred_checks_log_the_same_numbers_as_per_step_checks(corpus, tmp_pat
 
 
 def test_deferred_checks_stop_a_run_at_its_first_nonfinite_step(corpus, tmp_path, monkeypatch):
-    with pytest.raises(training.NonFiniteError, match="non-finite loss at step 7"):
+    with pytest.raises(nonfinite.NonFiniteError, match="non-finite loss at step 7"):
         _train_run(corpus, tmp_path, True, monkeypatch, nan_at=(7,))
     ckpt = load_checkpoint(tmp_path / "r" / "last.pt")
     assert ckpt["step"] == 9  # found at logging step 10; the bad step was never applied

@@ -18,6 +18,7 @@ import torch
 import torch.serialization
 
 from charlm import checkpoint as ck
+from charlm import nonfinite
 from charlm import train as train_module
 from charlm.data import load_dataset
 from charlm.evaluate import evaluate_tokens
@@ -294,7 +295,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_finite_weights(tmp_path, 
 def test_skip_nonfinite_gives_up_after_many_consecutive_skips(tmp_path, corpus, monkeypatch):
     """Once the weights themselves diverged every step is non-finite: skipping would loop
     forever, so training stops with a clear error instead (after 100 skips; 10 here)."""
-    monkeypatch.setattr(train_module, "MAX_SKIPPED_STEPS", 10)
+    monkeypatch.setattr(nonfinite, "MAX_SKIPPED_STEPS", 10)
     runs = tmp_path / "runs"
     result = invoke("train", "--config", "rnn", "--runs-dir", runs, "--name", "r",
                     *sets(tiny_overrides(corpus, "rnn") + DIVERGES +

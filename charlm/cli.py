@@ -215,16 +215,10 @@ def eval_(
 
     The model runs in the precision the run trained in (its train.precision: fp32 or bf16)."""
     from .checkpoint import load_run_for_use
-    from .data import (
-        check_corpus,
-        decode_corpus,
-        encode_text,
-        load_dataset,
-        missing_corpus,
-        read_files,
-    )
+    from .data import check_corpus, encode_text, load_dataset, missing_corpus
     from .device import resolve_device, resolve_precision
     from .evaluate import evaluate_tokens
+    from .sources import decode_corpus, read_files
 
     dev = resolve_device(device or "auto")
     loaded = load_run_for_use(run, runs_dir, dev, notice=lambda m: typer.echo(m, err=True))

@@ -18,9 +18,10 @@ from . import checkpoint as ckpt_io
 from . import distributed
 from .cells.fused import gemm
 from .config import Config, apply_overrides, from_dict, load_config, validate
-from .data import absolute_source, check_corpus, check_lengths, load_dataset, missing_corpus
+from .data import check_corpus, check_lengths, load_dataset, missing_corpus
 from .device import cuda_rng_state, set_cuda_rng_state
 from .model import count_parameters, map_state
+from .sources import absolute_source
 
 METRIC_FIELDS = ["step", "elapsed_s", "train_loss", "val_loss", "val_bpc", "lr", "grad_norm",
                  "tokens_per_s"]
@@ -222,7 +223,7 @@ def prepare_run(cfg: Config | None, runs_dir: Path, name: str | None, resume: bo
 
 
 def absolute_config(cfg: Config) -> Config:
-    """`cfg` with `data.source` absolute (see `data.absolute_source`)."""
+    """`cfg` with `data.source` absolute (see `sources.absolute_source`)."""
     return dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, source=absolute_source(cfg.data.source)))
 

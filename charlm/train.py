@@ -3,11 +3,11 @@ bottom.
 
 Per step: learning rate -> batch -> forward/backward -> clip (recording the gradient norm
 before clipping) -> non-finite check (charlm.nonfinite) -> optimizer step -> carry the
-detached hidden state -> log. Every `eval_interval` steps: validation loss, a short sample, `last.pt` and (if better)
-`best.pt`. Everything needed for an exact resume is in the checkpoint: model, optimizer,
-step, best validation loss, RNG states, the data position, the carried hidden state and
-the GEMM backends the run multiplies on; `charlm.runs` keeps that bookkeeping (a new or
-resumed run directory, metrics, checkpoints), this module the loop.
+detached hidden state -> log. Every `eval_interval` steps: validation loss, a short sample,
+`last.pt` and (if better) `best.pt`. Everything needed for an exact resume is in the
+checkpoint: model, optimizer, step, best validation loss, RNG states, the data position, the
+carried hidden state and the GEMM backends the run multiplies on; `charlm.runs` keeps that
+bookkeeping (a new or resumed run directory, metrics, checkpoints), this module the loop.
 
 Under torchrun the same loop runs in every process (charlm.distributed): the model is wrapped
 in DistributedDataParallel, each rank reads its own part of the text, a tiny all-reduce per

@@ -14,6 +14,7 @@ import torch
 
 from charlm import checkpoint as ck
 from charlm import data as data_module
+from charlm import sources
 from charlm.config import DataConfig
 from tests.conftest import invoke, tiny_overrides
 
@@ -99,10 +100,10 @@ def test_a_byte_order_mark_corpus_is_encoded_once(tmp_path, monkeypatch):
 ])
 @pytest.mark.parametrize("chunk", range(4, 14))  # cut at every possible offset
 def test_decoding_in_chunks_never_splits_a_character_or_a_crlf(monkeypatch, chunk, text):
-    monkeypatch.setattr(data_module, "_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(sources, "_CHUNK_BYTES", chunk)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a split character would be reported as undecodable
-        assert data_module.decode_corpus(text.encode("utf-8"), "x") == text.replace("\r\n", "\n")
+        assert sources.decode_corpus(text.encode("utf-8"), "x") == text.replace("\r\n", "\n")
 
 
 @pytest.mark.parametrize("cell", ["lstm", "transformer"])

@@ -11,7 +11,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from charlm import data
+from charlm import sources
 from charlm.config import DataConfig
 from charlm.data import (
     RandomBatcher,
@@ -66,11 +66,11 @@ def test_last_fraction_is_validation():
 def test_cache_is_reused(tmp_path):
     path = _write("some text to cache " * 50)
     first = load_dataset(DataConfig(source=path))
-    cached = list(data.cache_dir().glob("*.tokens"))
+    cached = list(sources.cache_dir().glob("*.tokens"))
     assert len(cached) == 1
     second = load_dataset(DataConfig(source=path))
     assert torch.equal(first.train, second.train)
-    assert list(data.cache_dir().glob("*.tokens")) == cached
+    assert list(sources.cache_dir().glob("*.tokens")) == cached
 
 
 def test_windows_line_endings_are_normalised():
@@ -90,15 +90,15 @@ def test_directory_corpus_reads_sorted_text_files(tmp_path):
     (tmp_path / "b.txt").write_text("BBBB")
     (tmp_path / "a.txt").write_text("AAAA")
     (tmp_path / "image.png").write_bytes(b"\x89PNG")
-    raw, files = data.read_corpus(str(tmp_path))
+    raw, files = sources.read_corpus(str(tmp_path))
     assert raw == b"AAAABBBB" and [f.name for f in files] == ["a.txt", "b.txt"]
 
 
 def test_empty_directory_and_missing_source(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no text files"):
-        data.read_corpus(str(tmp_path))
+        sources.read_corpus(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="not a file, a directory or a named corpus"):
-        data.read_corpus(str(tmp_path / "nope.txt"))
+        sources.read_corpus(str(tmp_path / "nope.txt"))
 
 
 def test_empty_corpus_is_an_error(tmp_path):
@@ -114,7 +114,7 @@ def test_hello_corpus():
 
 
 def test_stdlib_corpus_files():
-    files = data.stdlib_files()
+    files = sources.stdlib_files()
     assert len(files) > 500
     assert all(f.suffix == ".py" for f in files)
     assert not any(part in ("test", "tests", "site-packages") for f in files for part in f.parts)
@@ -161,13 +161,13 @@ def test_tinyshakespeare_download_is_verified(tmp_path, monkeypatch):
         url = f"http://127.0.0.1:{server.server_address[1]}/input.txt"
         monkeypatch.setenv("CHARLM_TINYSHAKESPEARE_URL", url)
         with pytest.raises(ValueError, match="SHA-256"):  # wrong content is refused, not saved
-            data.download_tinyshakespeare()
-        assert not (data.data_dir() / "tinyshakespeare.txt").exists()
-        monkeypatch.setattr(data, "TINYSHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest())
-        path = data.download_tinyshakespeare()
+            sources.download_tinyshakespeare()
+        assert not (sources.data_dir() / "tinyshakespeare.txt").exists()
+        monkeypatch.setattr(sources, "TINYSHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest())
+        path = sources.download_tinyshakespeare()
         assert path.read_bytes() == payload
         server.shutdown()
-        assert data.download_tinyshakespeare() == path  # second call: no network needed
+        assert sources.download_tinyshakespeare() == path  # second call: no network needed
     finally:
         server.server_close()
 
@@ -175,7 +175,7 @@ def test_tinyshakespeare_download_is_verified(tmp_path, monkeypatch):
 def test_tinyshakespeare_offline_message(monkeypatch):
     monkeypatch.setenv("CHARLM_TINYSHAKESPEARE_URL", "http://127.0.0.1:9/none.txt")
     with pytest.raises(FileNotFoundError, match="pass a local copy"):
-        data.download_tinyshakespeare()
+        sources.download_tinyshakespeare()
 
 
 def test_vocab_missing_characters():

@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from charlm import data
+from charlm import data, sources
 from charlm.config import DataConfig, apply_overrides, load_config
-from charlm.data import Vocab, build_vocab, decode_corpus, encode_text, load_dataset
+from charlm.data import Vocab, build_vocab, encode_text, load_dataset
 from charlm.evaluate import evaluate_tokens
 from charlm.model import build_model, detach_state
+from charlm.sources import decode_corpus
 
 # Multi-byte characters of every UTF-8 length, CRLF pairs and a lone CR.
 MIXED = "ab\r\ncé\r\n中文\r\n🙂x\r\r\nend 🙂é\n" * 7
@@ -34,14 +35,14 @@ def test_glob_of_files_is_one_corpus(tmp_path):
 @pytest.mark.parametrize("chunk", [4, 7, 9])
 def test_piecewise_decoding_of_invalid_bytes(monkeypatch, chunk):
     raw = b"caf\xe9 cr\xe8me \xff\xfe ok" * 5  # latin-1 and stray bytes: 4 bad per copy
-    monkeypatch.setattr(data, "_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(sources, "_CHUNK_BYTES", chunk)
     with pytest.warns(UserWarning, match="20 undecodable"):
         text = decode_corpus(raw, "latin")
     assert text == raw.decode("utf-8", errors="replace")
 
 
 def test_chunked_encoding_into_the_cache_matches_the_text(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "_CHUNK_BYTES", 5)
+    monkeypatch.setattr(sources, "_CHUNK_BYTES", 5)
     path = tmp_path / "mixed.txt"
     path.write_bytes(MIXED.encode("utf-8"))
     ds = load_dataset(DataConfig(source=str(path), val_fraction=0.0))
@@ -54,7 +55,7 @@ def test_cached_tokens_are_memory_mapped_not_loaded(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("memory mapped tokens\n" * 500, encoding="utf-8")
     load_dataset(DataConfig(source=str(path)))
-    (tok_file,) = data.cache_dir().glob("*.tokens")
+    (tok_file,) = sources.cache_dir().glob("*.tokens")
     assert tok_file.stat().st_size == 21 * 500  # one byte per character (uint8)
     ds = load_dataset(DataConfig(source=str(path)))
     assert ds.train.dtype == torch.uint8
@@ -71,7 +72,7 @@ def test_edited_corpus_gets_a_new_cache_entry_and_stale_format_is_rebuilt(tmp_pa
     path.write_text("second version " * 20)
     ds = load_dataset(DataConfig(source=str(path), val_fraction=0.0))
     assert ds.vocab.decode(ds.train) == "second version " * 20
-    assert len(list(data.cache_dir().glob("*.tokens"))) == 2
+    assert len(list(sources.cache_dir().glob("*.tokens"))) == 2
     monkeypatch.setattr(data, "CACHE_FORMAT", data.CACHE_FORMAT + 1)
     again = load_dataset(DataConfig(source=str(path), val_fraction=0.0))
     assert torch.equal(again.train, ds.train)

@@ -37,7 +37,8 @@ def pick_text(loaded: LoadedRun, text_file: Path | None, prime: str | None,
     """(the text to inspect, where it comes from): the first `chars` characters of
     `text_file`, of `prime`, or of the run's validation split. Characters the model never saw
     are left out, with a notice on stderr."""
-    from ..data import decode_corpus, load_dataset, read_files
+    from ..data import load_dataset
+    from ..sources import decode_corpus, read_files
 
     if chars < 1:
         raise ValueError(f"--chars must be >= 1, got {chars}")

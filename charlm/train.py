@@ -1,5 +1,4 @@
-"""The training loop: `_Loop.run` steps until a budget ends, and `_Loop._step` reads top to
-bottom.
+"""The training loop: one explicit `while` loop you can read top to bottom (`_train`).
 
 Per step: learning rate -> batch -> forward/backward -> clip (recording the gradient norm
 before clipping) -> non-finite check (charlm.nonfinite) -> optimizer step -> carry the
@@ -289,28 +288,67 @@ def _evaluate(st: runs.TrainState, model, val_batches, ds, t, device, ctx, run_d
 
 def _train(ctx, cfg: Config, runs_dir: Path, run_dir: Path, resumed: dict | None,
            quiet: bool) -> TrainResult:
-    """The body of :func:`train` once the run directory is chosen (and locked)."""
-    loop = _Loop(ctx, cfg, runs_dir, run_dir, resumed, quiet)
+    """The body of :func:`train` once the run directory is chosen (and locked): the loop."""
+    run = _Run(ctx, cfg, runs_dir, run_dir, resumed, quiet)
+    t, st, optimizer = run.t, run.st, run.optimizer
     try:
-        loop.run()
+        with _graceful_stop() as stop:
+            while not run.done():
+                t0 = time.perf_counter()
+                # learning rate for this step: the budget that ends first sets the schedule
+                progress = st.step / t.max_steps
+                if t.max_time:
+                    progress = max(progress, st.elapsed_s / t.max_time)
+                run.lr = get_lr(st.step, progress, t)
+                for group in optimizer.param_groups:
+                    group["lr"] = run.lr
+                # batch; a wrapped stream starts from a fresh state
+                x, y, reset = run.batcher.next()
+                x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+                if reset:
+                    st.hidden = None
+                # forward, backward, clip
+                loss, grad_norm, new_hidden = train_step(
+                    run.fwd, run.model, optimizer, x, y, st.hidden, t.grad_clip, run.device, ctx,
+                    t.precision)
+                # the optimizer step, unless non-finite; None: skipped, or nothing more to do
+                if run.checks is not None:  # CUDA: the fused AdamW skips a bad step itself
+                    stopping = run.apply_deferred(loss, grad_norm, new_hidden, t0, stop)
+                else:
+                    stopping = run.apply_checked(loss, grad_norm, new_hidden, t0, stop)
+                if stopping is None:
+                    continue
+                # log; evaluate, sample, checkpoint; stop
+                run.log()
+                run.bar.advance(st.step, st.elapsed_s)
+                if st.step % t.eval_interval == 0 or run.done() or stopping:
+                    run.evaluate()
+                if stopping:
+                    raise run.interrupted()
+    except KeyboardInterrupt:
+        # A second Ctrl-C can land mid-step (batch drawn, weights half-updated): saving then
+        # would make a resume silently inexact, so the last checkpoint is kept as it is.
+        raise TrainingInterrupted(
+            f"stopped at once (second Ctrl-C) during step {st.step + 1}; nothing more was saved. "
+            f"Resume from the last checkpoint with: {run.resume_command}") from None
     finally:
-        loop.bar.close()
-    st, saver = loop.st, loop.saver
+        run.bar.close()
     # a resumed run that had nothing left to do (rank 0 decides: it alone sees the files)
     if distributed.broadcast_object(not (run_dir / "last.pt").exists()):
-        saver.save("last.pt", st)
+        run.saver.save("last.pt", st)
     # The DDP wrapper's reducer holds the process group: free it now, while the group is
     # alive, not at some later garbage collection after the group was torn down.
-    del loop.fwd, loop.wrapped
+    del run.fwd, run.wrapped
     distributed.cleanup()
-    return TrainResult(run_dir, st.step, st.best_val_loss, st.elapsed_s, loop.tokens_per_s,
-                       saver.params, loop.warmup_s)
+    return TrainResult(run_dir, st.step, st.best_val_loss, st.elapsed_s, run.tokens_per_s,
+                       run.saver.params, run.warmup_s)
 
 
-class _Loop:
-    """One run's training loop: built (new or resumed) in ``__init__``, run by :meth:`run`,
-    one method per phase of a step. ``st`` is what checkpoints keep; the rest is the logging
-    window and the non-finite streak."""
+class _Run:
+    """What :func:`_train`'s loop works with, built (new or resumed) in ``__init__``, and the
+    loop's larger phases: the checked optimizer step (:meth:`apply_checked`,
+    :meth:`apply_deferred`), logging and evaluation. ``st`` is what checkpoints keep; the
+    rest is the logging window and the non-finite streak."""
 
     def __init__(self, ctx, cfg: Config, runs_dir: Path, run_dir: Path, resumed: dict | None,
                  quiet: bool) -> None:
@@ -385,63 +423,16 @@ class _Loop:
         if self.ctx.is_main:
             self.metrics.truncate(self.st.step)
 
-    def _interrupted(self) -> TrainingInterrupted:
+    def interrupted(self) -> TrainingInterrupted:
         return TrainingInterrupted(f"interrupted at step {self.st.step}; saved "
                                    f"{self.run_dir / 'last.pt'}. Resume with: "
                                    f"{self.resume_command}")
 
-    def _done(self) -> bool:
+    def done(self) -> bool:
         t, st = self.t, self.st
         return st.step >= t.max_steps or (t.max_time is not None and st.elapsed_s >= t.max_time)
 
-    def run(self) -> None:
-        """Steps until a budget ends or a stop is asked for (then TrainingInterrupted)."""
-        try:
-            with _graceful_stop() as stop:
-                while not self._done():
-                    if self._step(stop):
-                        raise self._interrupted()
-        except KeyboardInterrupt:
-            # A second Ctrl-C can land mid-step (batch drawn, weights half-updated): saving
-            # then would make a resume silently inexact, so the last checkpoint is kept as is.
-            raise TrainingInterrupted(
-                f"stopped at once (second Ctrl-C) during step {self.st.step + 1}; nothing more "
-                f"was saved. Resume from the last checkpoint with: {self.resume_command}"
-            ) from None
-
-    def _step(self, stop: dict) -> bool:
-        """One step: schedule, batch, forward/backward/clip, the checked optimizer step, then
-        logging and evaluation when due. Returns whether to stop now."""
-        t, st, t0 = self.t, self.st, time.perf_counter()
-        # learning rate for this step: the budget that ends first sets the schedule
-        progress = st.step / t.max_steps
-        if t.max_time:
-            progress = max(progress, st.elapsed_s / t.max_time)
-        self.lr = get_lr(st.step, progress, t)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
-        # batch; a wrapped stream starts from a fresh state
-        x, y, reset = self.batcher.next()
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        if reset:
-            st.hidden = None
-        # forward, backward, clip
-        loss, grad_norm, new_hidden = train_step(
-            self.fwd, self.model, self.optimizer, x, y, st.hidden, t.grad_clip, self.device,
-            self.ctx, t.precision)
-        if self.checks is not None:  # CUDA: the fused AdamW skips a non-finite step itself
-            stopping = self._apply_deferred(loss, grad_norm, new_hidden, t0, stop)
-        else:
-            stopping = self._apply_checked(loss, grad_norm, new_hidden, t0, stop)
-        if stopping is None:  # skipped, or nothing to log before the next step
-            return False
-        self._log()
-        self.bar.advance(st.step, st.elapsed_s)
-        if st.step % t.eval_interval == 0 or self._done() or stopping:
-            self._evaluate()
-        return stopping
-
-    def _apply_checked(self, loss, grad_norm, new_hidden, t0: float, stop: dict) -> bool | None:
+    def apply_checked(self, loss, grad_norm, new_hidden, t0: float, stop: dict) -> bool | None:
         """CPU (a read is no sync there) and torchrun: read the loss and norm, then apply the
         step, or skip it (``train.skip_nonfinite``: returns None) or stop the run if either
         is non-finite. Returns whether to stop after it."""
@@ -461,7 +452,7 @@ class _Loop:
             st.elapsed_s += time.perf_counter() - t0
             if _stop_vote(st, stop, self.ctx):
                 self.saver.save("last.pt", st)
-                raise self._interrupted()
+                raise self.interrupted()
             return None
         # optimizer step; carry the hidden state, detached: gradients stop at the window start
         self.optimizer.step()
@@ -474,7 +465,7 @@ class _Loop:
         self.window_steps += 1
         return stopping
 
-    def _apply_deferred(self, loss, grad_norm, new_hidden, t0: float, stop: dict) -> bool | None:
+    def apply_deferred(self, loss, grad_norm, new_hidden, t0: float, stop: dict) -> bool | None:
         """CUDA with the fused AdamW: the step is applied on the device unless non-finite
         (:class:`.nonfinite.DeferredChecks`), and the bookkeeping read only on logging,
         evaluation and final steps (else returns None). Returns whether to stop."""
@@ -492,7 +483,7 @@ class _Loop:
         st.elapsed_s += time.perf_counter() - t0
         stopping = _stop_vote(st, stop, self.ctx)
         if not (st.step % t.log_interval == 0 or st.step % t.eval_interval == 0
-                or self._done() or stopping):
+                or self.done() or stopping):
             self.bar.advance(st.step, st.elapsed_s)
             return None
         tally = checks.settle()
@@ -513,7 +504,7 @@ class _Loop:
                            "step(s) skipped (train.skip_nonfinite)", file=sys.stderr)
         return stopping
 
-    def _log(self) -> None:
+    def log(self) -> None:
         """Every ``log_interval`` steps: a metrics row (mean loss and tokens/s of the window
         since the last row) and the bar's numbers."""
         st = self.st
@@ -531,7 +522,7 @@ class _Loop:
                              tok_s=f"{self.tokens_per_s:.0f}")
         self.loss_sum, self.loss_count, self.window_start, self.window_steps = 0.0, 0, now, 0
 
-    def _evaluate(self) -> None:
+    def evaluate(self) -> None:
         """:func:`_evaluate` (validation, sample, checkpoints), off the tokens/s clock."""
         eval_start, st = time.perf_counter(), self.st
         self.last_val = _evaluate(st, self.model, self.val_batches, self.ds, self.t,

@@ -3,9 +3,9 @@
 A corpus is a text file, a directory of text files (sorted), a glob, or a named corpus
 (`python-stdlib`, `tinyshakespeare`, `hello`). Named ones are found here (tiny shakespeare is
 downloaded once and verified by SHA-256); bytes are decoded as UTF-8 in bounded pieces, a
-byte-order mark dropped and undecodable bytes replaced with a warning. :mod:`charlm.data`
-encodes and caches the text. Errors are ValueError/FileNotFoundError naming the file and
-the fix.
+byte-order mark dropped, CRLF made LF and undecodable bytes replaced with a warning.
+:mod:`charlm.data` encodes and caches the text. Errors are ValueError/FileNotFoundError
+naming the file and the fix.
 """
 
 from __future__ import annotations

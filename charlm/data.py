@@ -21,7 +21,6 @@ import torch
 
 from .config import DataConfig
 from .sources import (
-    cache_dir,
     corpus_digest,
     read_files,
     source_files,
@@ -176,6 +175,13 @@ def missing_corpus(source: str, recorded: dict | None, fix: str) -> FileNotFound
         was = (f" (it was {recorded['bytes']:,} bytes with SHA-256 "
                f"{recorded['sha256'][:16]}...)")
     return FileNotFoundError(f"the run's corpus '{source}' is gone{was}; {fix}")
+
+
+def cache_dir() -> Path:
+    """Where encoded token caches go: $CHARLM_CACHE_DIR or ~/.cache/charlm/tokens."""
+    if os.environ.get("CHARLM_CACHE_DIR"):
+        return Path(os.environ["CHARLM_CACHE_DIR"])
+    return Path.home() / ".cache" / "charlm" / "tokens"
 
 
 def _cache_paths(key: str) -> tuple[Path, Path]:

@@ -75,6 +75,13 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         set_cuda_rng_state(state["cuda"], device)
 
 
+def restore_process(part: dict, device: torch.device) -> None:
+    """What a checkpoint's :func:`rank_part` sets in this process for an exact resume: the RNG
+    states, and the GEMM backends the run multiplied on."""
+    set_rng_state(part["rng"], device)
+    gemm.restore(part["gemm_backends"])
+
+
 def write_metrics(path: Path, row: dict) -> None:
     if not distributed.is_main():  # one metrics file, written by rank 0
         return

@@ -42,13 +42,6 @@ def data_dir() -> Path:
     return Path.home() / ".cache" / "charlm" / "data"
 
 
-def cache_dir() -> Path:
-    """Where encoded token caches go: $CHARLM_CACHE_DIR or ~/.cache/charlm/tokens."""
-    if os.environ.get("CHARLM_CACHE_DIR"):
-        return Path(os.environ["CHARLM_CACHE_DIR"])
-    return Path.home() / ".cache" / "charlm" / "tokens"
-
-
 def _shipped(name: str) -> Path:
     checkout = Path(__file__).resolve().parent.parent / "data" / name
     if checkout.is_file():

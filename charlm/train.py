@@ -33,7 +33,6 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
 from . import distributed, nonfinite, runs
-from .cells.fused import gemm
 from .config import Config, config_to_yaml
 from .data import (
     RandomBatcher,
@@ -415,8 +414,7 @@ class _Run:
         self.optimizer.load_state_dict(resumed["optimizer"])
         mine = runs.rank_part(resumed, self.ctx)
         self.batcher.load_state_dict(mine["data_state"])
-        runs.set_rng_state(mine["rng"], self.device)
-        gemm.restore(mine["gemm_backends"])
+        runs.restore_process(mine, self.device)
         self.st = runs.TrainState(resumed["step"], resumed["best_val_loss"], resumed["elapsed_s"],
                                   map_state(lambda x: x.to(self.device), mine["hidden_state"]))
         runs.check_budget_left(self.run_dir, self.t, self.st.step, self.st.elapsed_s)

@@ -18,6 +18,7 @@ from charlm.data import (
     StreamBatcher,
     Vocab,
     build_vocab,
+    cache_dir,
     encode_text,
     load_dataset,
     token_dtype,
@@ -66,11 +67,11 @@ def test_last_fraction_is_validation():
 def test_cache_is_reused(tmp_path):
     path = _write("some text to cache " * 50)
     first = load_dataset(DataConfig(source=path))
-    cached = list(sources.cache_dir().glob("*.tokens"))
+    cached = list(cache_dir().glob("*.tokens"))
     assert len(cached) == 1
     second = load_dataset(DataConfig(source=path))
     assert torch.equal(first.train, second.train)
-    assert list(sources.cache_dir().glob("*.tokens")) == cached
+    assert list(cache_dir().glob("*.tokens")) == cached
 
 
 def test_windows_line_endings_are_normalised():

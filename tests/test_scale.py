@@ -55,7 +55,7 @@ def test_cached_tokens_are_memory_mapped_not_loaded(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("memory mapped tokens\n" * 500, encoding="utf-8")
     load_dataset(DataConfig(source=str(path)))
-    (tok_file,) = sources.cache_dir().glob("*.tokens")
+    (tok_file,) = data.cache_dir().glob("*.tokens")
     assert tok_file.stat().st_size == 21 * 500  # one byte per character (uint8)
     ds = load_dataset(DataConfig(source=str(path)))
     assert ds.train.dtype == torch.uint8
@@ -72,7 +72,7 @@ def test_edited_corpus_gets_a_new_cache_entry_and_stale_format_is_rebuilt(tmp_pa
     path.write_text("second version " * 20)
     ds = load_dataset(DataConfig(source=str(path), val_fraction=0.0))
     assert ds.vocab.decode(ds.train) == "second version " * 20
-    assert len(list(sources.cache_dir().glob("*.tokens"))) == 2
+    assert len(list(data.cache_dir().glob("*.tokens"))) == 2
     monkeypatch.setattr(data, "CACHE_FORMAT", data.CACHE_FORMAT + 1)
     again = load_dataset(DataConfig(source=str(path), val_fraction=0.0))
     assert torch.equal(again.train, ds.train)

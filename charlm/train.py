@@ -259,32 +259,6 @@ def _stop_vote(st: runs.TrainState, stop: dict, ctx) -> bool:
     return stopping
 
 
-def _evaluate(st: runs.TrainState, model, val_batches, ds, t, device, ctx, run_dir: Path,
-              metrics: runs.MetricsLog, saver: runs.Checkpointer, lr: float,
-              interactive: bool) -> float:
-    """Validation loss, a sample into samples.txt, a metrics row, then best.pt (if better)
-    and last.pt. Rank 0 scores the plain module (not the DDP wrapper: no collectives) and
-    samples while the others wait in the broadcast, so all take the same best.pt decision."""
-    val = estimate_loss(model, val_batches, device, t.precision) if ctx.is_main else math.nan
-    if t.sample_length and ctx.is_main:
-        text = "".join(generate(model, ds.vocab, "", t.sample_length, temperature=0.8,
-                                seed=t.seed + st.step, device=device, precision=t.precision))
-        with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
-            f.write(f"=== step {st.step} | val bpc {bits_per_char(val):.3f} ===\n{text}\n\n")
-        if interactive:
-            tqdm.write(f"step {st.step} sample: {text[:100]!r}", file=sys.stderr)
-    val = distributed.broadcast_object(val)
-    # The row is written before the checkpoints: a kill between the two then loses nothing (a
-    # resume from the previous checkpoint drops this row and logs it again).
-    metrics.write(step=st.step, elapsed_s=f"{st.elapsed_s:.2f}", val_loss=_fmt(val),
-                  val_bpc=_fmt(bits_per_char(val)), lr=f"{lr:.6g}")
-    if val < st.best_val_loss:
-        st.best_val_loss = val
-        saver.save("best.pt", st)
-    saver.save("last.pt", st)
-    return val
-
-
 def _train(ctx, cfg: Config, runs_dir: Path, run_dir: Path, resumed: dict | None,
            quiet: bool) -> TrainResult:
     """The body of :func:`train` once the run directory is chosen (and locked): the loop."""
@@ -521,13 +495,33 @@ class _Run:
         self.loss_sum, self.loss_count, self.window_start, self.window_steps = 0.0, 0, now, 0
 
     def evaluate(self) -> None:
-        """:func:`_evaluate` (validation, sample, checkpoints), off the tokens/s clock."""
-        eval_start, st = time.perf_counter(), self.st
-        self.last_val = _evaluate(st, self.model, self.val_batches, self.ds, self.t,
-                                  self.device, self.ctx, self.run_dir, self.metrics, self.saver,
-                                  self.lr, self.interactive)
+        """Validation loss, a sample into samples.txt, a metrics row, then best.pt (if
+        better) and last.pt, off the tokens/s clock. Rank 0 scores the plain module (not the
+        DDP wrapper: no collectives) and samples while the others wait in the broadcast, so
+        all take the same best.pt decision."""
+        eval_start, st, t = time.perf_counter(), self.st, self.t
+        main = self.ctx.is_main
+        val = estimate_loss(self.model, self.val_batches, self.device, t.precision) if main \
+            else math.nan
+        if t.sample_length and main:
+            text = "".join(generate(self.model, self.ds.vocab, "", t.sample_length,
+                                    temperature=0.8, seed=t.seed + st.step, device=self.device,
+                                    precision=t.precision))
+            with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as f:
+                f.write(f"=== step {st.step} | val bpc {bits_per_char(val):.3f} ===\n{text}\n\n")
+            if self.interactive:
+                tqdm.write(f"step {st.step} sample: {text[:100]!r}", file=sys.stderr)
+        val = self.last_val = distributed.broadcast_object(val)
+        # The row is written before the checkpoints: a kill between the two then loses nothing
+        # (a resume from the previous checkpoint drops this row and logs it again).
+        self.metrics.write(step=st.step, elapsed_s=f"{st.elapsed_s:.2f}", val_loss=_fmt(val),
+                           val_bpc=_fmt(bits_per_char(val)), lr=f"{self.lr:.6g}")
+        if val < st.best_val_loss:
+            st.best_val_loss = val
+            self.saver.save("best.pt", st)
+        self.saver.save("last.pt", st)
         if not self.interactive and not self.quiet:
-            print(f"step {st.step}/{self.t.max_steps} | val loss {self.last_val:.4f} | val bpc "
-                  f"{bits_per_char(self.last_val):.4f} | {self.tokens_per_s:.0f} tok/s | "
+            print(f"step {st.step}/{t.max_steps} | val loss {val:.4f} | val bpc "
+                  f"{bits_per_char(val):.4f} | {self.tokens_per_s:.0f} tok/s | "
                   f"{st.elapsed_s:.0f}s", file=sys.stderr, flush=True)
         self.window_start += time.perf_counter() - eval_start  # keep tok/s training-only

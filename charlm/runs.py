@@ -82,24 +82,6 @@ def restore_process(part: dict, device: torch.device) -> None:
     gemm.restore(part["gemm_backends"])
 
 
-def write_metrics(path: Path, row: dict) -> None:
-    if not distributed.is_main():  # one metrics file, written by rank 0
-        return
-    with open(path, "a", newline="", encoding="utf-8") as f:
-        csv.DictWriter(f, METRIC_FIELDS).writerow(row)
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop rows a crashed run logged after its last checkpoint."""
-    if not path.is_file():
-        return
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= step]
-    text_rows = [",".join(METRIC_FIELDS)] + [
-        ",".join(str(r.get(k, "")) for k in METRIC_FIELDS) for r in rows]
-    ckpt_io.atomic_write_text(path, "\n".join(text_rows) + "\n")
-
-
 @dataclass
 class TrainState:
     """The loop's own state: what a checkpoint holds besides the model, the optimizer, the
@@ -127,10 +109,20 @@ class MetricsLog:
             csv.DictWriter(f, METRIC_FIELDS).writeheader()
 
     def truncate(self, step: int) -> None:
-        truncate_metrics(self.path, step)
+        """On resume, drop rows a crashed run logged after its last checkpoint."""
+        if not self.path.is_file():
+            return
+        with open(self.path, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= step]
+        text_rows = [",".join(METRIC_FIELDS)] + [
+            ",".join(str(r.get(k, "")) for k in METRIC_FIELDS) for r in rows]
+        ckpt_io.atomic_write_text(self.path, "\n".join(text_rows) + "\n")
 
     def write(self, **row) -> None:
-        write_metrics(self.path, row)
+        if not distributed.is_main():  # one metrics file, written by rank 0
+            return
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            csv.DictWriter(f, METRIC_FIELDS).writerow(row)
 
 
 class Checkpointer:
@@ -224,7 +216,8 @@ def prepare_run(cfg: Config | None, runs_dir: Path, name: str | None, resume: bo
     # Keys not locked (max_steps, max_time, device, lr, ...) may change on resume.
     new = validate(apply_overrides(cfg if cfg is not None else saved, overrides))
     if cfg is not None:  # a config file given again names its corpus as the user typed it
-        new = absolute_config(new) if absolute_config(new).data.source == saved.data.source else new
+        absolute = absolute_config(new)
+        new = absolute if absolute.data.source == saved.data.source else new
     check_resume_compatible(saved, new)
     return run_dir, new, resumed
 

@@ -191,10 +191,6 @@ def cpu_features() -> dict:
             "flags": {name: name in flags for name in CPU_FLAGS} if flags else None}
 
 
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_features()["model"]
-
-
 def _result(contenders: list[Contender], failures: list[dict], device: torch.device,
             shape: BenchShape, repeats: int, steps: int, checks: dict, precision: dict) -> dict:
     quick = shape.smoke
@@ -214,18 +210,20 @@ def _result(contenders: list[Contender], failures: list[dict], device: torch.dev
                      "stability": stability(c.rates), "peak_mem_bytes": c.peak_mem_bytes})
     kv = next((r["ratio"] for r in ratios if r["contender"].endswith("-kv")), None)
     kv_target = kv_cache_target(device.type, quick)
+    cpu = cpu_features()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu["model"]
     return {
         "schema": SCHEMA,
         "charlm_version": __version__,
         "torch_version": torch.__version__,
-        "device": {"type": device.type, "name": _device_name(device),
+        "device": {"type": device.type, "name": name,
                    "threads": torch.get_num_threads(),
                    # torch.nn's RNN kernels: oneDNN on CPU, cuDNN on CUDA (when enabled)
                    "onednn": torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled,
                    "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
                    "autocast": "bf16" if "bf16" in precision["recurrent"].split("+")
                    or precision["transformer"] == "bf16" else None,
-                   "cpu": cpu_features(),
+                   "cpu": cpu,
                    # charlm's GEMM backend per product shape, chosen by timing on this machine
                    # (charlm.cells.fused.gemm)
                    "gemm_backends": gemm.choices()},

@@ -194,8 +194,11 @@ def test_the_recurrence_precision_race_runs_forward_and_backward_once_per_shape(
     assert gemm.recurrence_precision("rnn", small, w[:8], run) == torch.bfloat16  # floor
     monkeypatch.setattr(gemm, "BACKEND", "onednn")
     assert gemm.recurrence_precision("gru", xg, w, run) == torch.bfloat16  # forced
-    gemm.restore({"recurrence lstm 16 32 256 64 1": "fp32"})
-    assert gemm.choices()["recurrence lstm 16 32 256 64 1"] == "fp32"
+    monkeypatch.setattr(gemm, "BACKEND", "auto")
+    gemm.restore({f"recurrence lstm 16 32 256 64 {torch.get_num_threads()}": "fp32"})
+    n = len(runs)
+    assert gemm.recurrence_precision("lstm", xg, w, run) is None  # restored: fp32, no race
+    assert len(runs) == n
 
 
 def _swap_gates(layer: nn.Module, k: int) -> None:
